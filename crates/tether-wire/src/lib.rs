@@ -1,0 +1,38 @@
+//! Sans-IO core of tether's JSTP support.
+//!
+//! Nothing here touches a socket or a runtime: the codec turns text into [`Value`]s and back
+//! following the mdsf "record serialization" rules that `@metarhia/jstp` uses, the framer splits a
+//! byte stream on NUL terminators, and the message model classifies a parsed value as one of the
+//! JSTP message kinds. The async layer in the `tether` crate drives these with real transports.
+//!
+//! ```
+//! use tether_wire::{Message, Value};
+//!
+//! let msg = Message::parse("{call:[1,'calculator'],divide:[20,10]}").unwrap();
+//! assert_eq!(
+//!     msg,
+//!     Message::Call {
+//!         id: 1,
+//!         iface: "calculator".into(),
+//!         method: "divide".into(),
+//!         args: Value::Array(vec![Value::from(20), Value::from(10)]),
+//!     }
+//! );
+//! assert_eq!(msg.encode(), "{call:[1,'calculator'],divide:[20,10]}");
+//! ```
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod parse;
+pub mod ser;
+pub mod value;
+
+pub use error::{ErrorCode, RemoteErrorArray};
+pub use frame::{FrameError, NulFramer, DEFAULT_MAX_MESSAGE_SIZE};
+pub use message::{Auth, CallbackResult, DecodeError, HandshakeResult, Message};
+pub use parse::{parse, ParseError};
+pub use ser::{stringify, write_string_literal, write_value, SerializeError};
+pub use value::{Object, Value};

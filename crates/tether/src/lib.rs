@@ -1,0 +1,4 @@
+//! tether: connections that survive.
+#![warn(missing_docs)]
+
+pub mod transport;
