@@ -6,7 +6,7 @@
 
 use crate::error::RemoteErrorArray;
 use crate::parse::{parse, ParseError};
-use crate::ser::{write_string_literal, write_value};
+use crate::ser::{write_array, write_string_literal, write_value};
 use crate::value::{Object, Value};
 use thiserror::Error;
 
@@ -350,6 +350,10 @@ impl Message {
             out.push(']');
         }
         fn verb(out: &mut String, name: &str, payload: &Value) {
+            // Like a JS property holding `undefined`, an `Undefined` payload is left out.
+            if matches!(payload, Value::Undefined) {
+                return;
+            }
             out.push(',');
             write_key(name, out);
             out.push(':');
@@ -422,7 +426,7 @@ impl Message {
                 match result {
                     CallbackResult::Ok(values) => {
                         out.push_str(",ok:");
-                        write_value_slice(values, out);
+                        write_array(values, out);
                     }
                     CallbackResult::Error(e) => verb(out, "error", &e.to_value()),
                     CallbackResult::Empty => {}
@@ -449,25 +453,9 @@ fn itoa(n: i64) -> String {
     n.to_string()
 }
 
-fn write_value_slice(values: &[Value], out: &mut String) {
-    // Same output as an array value (holes for `Undefined`), without cloning the elements.
-    out.push('[');
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        write_value(v, out);
-    }
-    out.push(']');
-}
-
 /// Writes an object key: bare when it is an ASCII identifier, quoted otherwise.
 pub fn write_key(key: &str, out: &mut String) {
-    if crate::ser::is_bare_key(key) {
-        out.push_str(key);
-    } else {
-        write_string_literal(key, out);
-    }
+    crate::ser::write_key(key, out);
 }
 
 /// Builds an object value from pairs (handy in tests and handlers).
@@ -476,5 +464,10 @@ where
     I: IntoIterator<Item = (K, Value)>,
     K: Into<String>,
 {
-    Value::Object(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect::<Object>())
+    Value::Object(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v))
+            .collect::<Object>(),
+    )
 }
