@@ -115,14 +115,25 @@ impl RemoteErrorArray {
     pub fn from_value(v: &Value) -> Self {
         match v {
             Value::Array(a) => {
-                let code = a.first().and_then(Value::as_i64).unwrap_or(GENERIC_ERROR_CODE);
+                let code = a
+                    .first()
+                    .and_then(Value::as_i64)
+                    .unwrap_or(GENERIC_ERROR_CODE);
                 let message = match a.get(1) {
                     Some(Value::String(s)) => Some(s.clone()),
                     Some(Value::Undefined) | Some(Value::Null) | None => None,
                     Some(other) => Some(other.to_mdsf()),
                 };
-                let info = if a.len() > 2 { a[2..].to_vec() } else { Vec::new() };
-                RemoteErrorArray { code, message, info }
+                let info = if a.len() > 2 {
+                    a[2..].to_vec()
+                } else {
+                    Vec::new()
+                };
+                RemoteErrorArray {
+                    code,
+                    message,
+                    info,
+                }
             }
             Value::Number(_) => RemoteErrorArray {
                 code: v.as_i64().unwrap_or(GENERIC_ERROR_CODE),
@@ -172,12 +183,20 @@ mod tests {
     fn standard_codes_send_code_only() {
         let e = RemoteErrorArray::new(12, "whatever");
         assert_eq!(e.to_value().to_mdsf(), "[12]");
-        assert_eq!(RemoteErrorArray::code(ErrorCode::AuthFailed).to_value().to_mdsf(), "[11]");
+        assert_eq!(
+            RemoteErrorArray::code(ErrorCode::AuthFailed)
+                .to_value()
+                .to_mdsf(),
+            "[11]"
+        );
     }
 
     #[test]
     fn custom_codes_keep_message_and_info() {
-        assert_eq!(RemoteErrorArray::new(42, "Locked").to_value().to_mdsf(), "[42,'Locked']");
+        assert_eq!(
+            RemoteErrorArray::new(42, "Locked").to_value().to_mdsf(),
+            "[42,'Locked']"
+        );
         let e = RemoteErrorArray {
             code: 1,
             message: Some("Zero division".into()),
@@ -189,7 +208,10 @@ mod tests {
 
     #[test]
     fn reads_upstream_arrays() {
-        let e = RemoteErrorArray::from_value(&Value::from(vec![Value::from(1), Value::from("Error: x")]));
+        let e = RemoteErrorArray::from_value(&Value::from(vec![
+            Value::from(1),
+            Value::from("Error: x"),
+        ]));
         assert_eq!(e.code, 1);
         assert_eq!(e.display_message(), "Error: x");
         let e = RemoteErrorArray::from_value(&Value::from(vec![14]));

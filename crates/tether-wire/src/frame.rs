@@ -130,3 +130,146 @@ pub fn encode_frame(message: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(message.as_bytes());
     out.push(0);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drains every result currently available (stopping after a fatal `TooLarge`).
+    fn drain(f: &mut NulFramer) -> Vec<Result<String, FrameError>> {
+        let mut out = Vec::new();
+        while let Some(r) = f.next_message() {
+            let fatal = matches!(r, Err(FrameError::TooLarge { .. }));
+            out.push(r);
+            if fatal {
+                break;
+            }
+        }
+        out
+    }
+
+    const STREAM: &[u8] = b"{ping:[1]}\0{pong:[1]}\0{call:[2,'a'],b:[]}\0{partial";
+
+    #[test]
+    fn upstream_vector_in_one_push() {
+        let mut f = NulFramer::new(DEFAULT_MAX_MESSAGE_SIZE);
+        f.push(STREAM);
+        assert_eq!(
+            drain(&mut f),
+            vec![
+                Ok("{ping:[1]}".to_owned()),
+                Ok("{pong:[1]}".to_owned()),
+                Ok("{call:[2,'a'],b:[]}".to_owned()),
+            ]
+        );
+        assert_eq!(f.buffered(), b"{partial".len());
+        f.push(b"}\0");
+        assert_eq!(drain(&mut f), vec![Ok("{partial}".to_owned())]);
+        assert_eq!(f.buffered(), 0);
+    }
+
+    #[test]
+    fn upstream_vector_byte_by_byte() {
+        let mut f = NulFramer::new(DEFAULT_MAX_MESSAGE_SIZE);
+        let mut got = Vec::new();
+        for b in STREAM {
+            f.push(std::slice::from_ref(b));
+            got.extend(drain(&mut f));
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2], Ok("{call:[2,'a'],b:[]}".to_owned()));
+        assert_eq!(f.buffered(), b"{partial".len());
+    }
+
+    #[test]
+    fn empty_frame_is_an_error_but_not_fatal() {
+        let mut f = NulFramer::new(100);
+        f.push(b"\0{}\0\0");
+        assert_eq!(
+            drain(&mut f),
+            vec![
+                Err(FrameError::Empty),
+                Ok("{}".to_owned()),
+                Err(FrameError::Empty)
+            ]
+        );
+        f.push(b"{a:1}\0");
+        assert_eq!(drain(&mut f), vec![Ok("{a:1}".to_owned())]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error_but_not_fatal() {
+        let mut f = NulFramer::new(100);
+        f.push(b"{a:'\xff'}\0{b:1}\0");
+        assert_eq!(
+            drain(&mut f),
+            vec![Err(FrameError::InvalidUtf8), Ok("{b:1}".to_owned())]
+        );
+        // A multi-byte character split across pushes is fine.
+        f.push("{c:'é".as_bytes().split_last().unwrap().1);
+        assert_eq!(drain(&mut f), vec![]);
+        f.push(&["é".as_bytes()[1], b'\'', b'}', 0]);
+        assert_eq!(drain(&mut f), vec![Ok("{c:'é'}".to_owned())]);
+    }
+
+    #[test]
+    fn too_large_with_terminator_is_fatal() {
+        let mut f = NulFramer::new(4);
+        f.push(b"abcd\0abcde\0ab\0");
+        assert_eq!(
+            drain(&mut f),
+            vec![
+                Ok("abcd".to_owned()),
+                Err(FrameError::TooLarge { limit: 4 })
+            ]
+        );
+        f.push(b"x\0");
+        assert_eq!(
+            f.next_message(),
+            Some(Err(FrameError::TooLarge { limit: 4 }))
+        );
+    }
+
+    #[test]
+    fn too_large_without_terminator_is_detected_early() {
+        let mut f = NulFramer::new(4);
+        f.push(b"abcd");
+        assert_eq!(f.next_message(), None);
+        f.push(b"e");
+        assert_eq!(
+            f.next_message(),
+            Some(Err(FrameError::TooLarge { limit: 4 }))
+        );
+        assert_eq!(f.buffered(), 0, "the buffer is released");
+        assert_eq!(f.max_message_size(), 4);
+    }
+
+    #[test]
+    fn consumed_space_is_reclaimed() {
+        let mut f = NulFramer::new(100);
+        let mut stream = Vec::new();
+        for i in 0..2000 {
+            encode_frame(&format!("{{ping:[{i}]}}"), &mut stream);
+        }
+        // Leave a partial frame so the buffer never empties completely.
+        stream.extend_from_slice(b"{pi");
+        let mut count = 0;
+        for chunk in stream.chunks(777) {
+            f.push(chunk);
+            for r in drain(&mut f) {
+                assert_eq!(r, Ok(format!("{{ping:[{count}]}}")));
+                count += 1;
+            }
+            assert!(f.buf.len() < 16 * 1024, "buffer grew to {}", f.buf.len());
+        }
+        assert_eq!(count, 2000);
+        assert_eq!(f.buffered(), 3);
+    }
+
+    #[test]
+    fn encode_frame_appends_one_nul() {
+        let mut out = b"x".to_vec();
+        encode_frame("{ping:[1]}", &mut out);
+        assert_eq!(out, b"x{ping:[1]}\0");
+    }
+}

@@ -360,7 +360,8 @@ impl Message {
             write_value(payload, out);
         }
         match self {
-            Message::Heartbeat => out.push_str("{}"),
+            // The closing brace is written after the match, as for every kind.
+            Message::Heartbeat => out.push('{'),
             Message::HandshakeRequest {
                 id,
                 app,
