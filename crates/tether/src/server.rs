@@ -1,0 +1,442 @@
+//! The JSTP server: applications, authentication, listeners, clients and broadcast.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tether::Error> {
+//! use tether::{Application, Interface, Server, Value};
+//!
+//! let app = Application::new("testApp", "1.0.0")?.interface(
+//!     "calculator",
+//!     Interface::new().method("answer", |_conn, _args| async { Ok(Value::from(42)) }),
+//! );
+//! let server = Server::builder().application(app).build()?;
+//! let addr = server.listen("jstp://127.0.0.1:3000".parse()?).await?;
+//! println!("listening on {addr}");
+//! # Ok(()) }
+//! ```
+
+use crate::app::{AppRegistry, Application};
+use crate::connection::{self, Accepted, Connection, ConnectionConfig, ServerHooks};
+use crate::error::{Error, RemoteError};
+use crate::transport::{Endpoint, Listener, ListenerOptions, Transport};
+use futures::future::BoxFuture;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tether_wire::{Auth, ErrorCode, Value};
+use tokio::sync::{broadcast, watch};
+
+/// What an auth policy is asked to decide.
+#[derive(Debug, Clone)]
+pub struct AuthRequest {
+    /// The connection being authenticated.
+    pub connection: Connection,
+    /// The application the client asked for.
+    pub application: Arc<Application>,
+    /// The strategy (`login`, or a custom one).
+    pub strategy: String,
+    /// The strategy's payload (`['user','password']` for `login`).
+    pub credentials: Value,
+}
+
+/// Decides `login` and custom handshake strategies. Resolves to the user name, or to an error
+/// sent as the handshake's `error` (use code 11 for bad credentials).
+///
+/// Any `Fn(AuthRequest) -> impl Future<Output = Result<String, RemoteError>>` is a policy.
+pub trait AuthPolicy: Send + Sync + 'static {
+    /// Authenticates one handshake.
+    fn authenticate(&self, request: AuthRequest) -> BoxFuture<'static, Result<String, RemoteError>>;
+}
+
+impl<F, Fut> AuthPolicy for F
+where
+    F: Fn(AuthRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<String, RemoteError>> + Send + 'static,
+{
+    fn authenticate(&self, request: AuthRequest) -> BoxFuture<'static, Result<String, RemoteError>> {
+        Box::pin(self(request))
+    }
+}
+
+/// The `login` strategy against a fixed table of users and passwords.
+#[derive(Debug, Clone, Default)]
+pub struct LoginPolicy {
+    users: HashMap<String, String>,
+}
+
+impl LoginPolicy {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a user.
+    pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
+        self.users.insert(name.into(), password.into());
+        self
+    }
+}
+
+impl AuthPolicy for LoginPolicy {
+    fn authenticate(&self, request: AuthRequest) -> BoxFuture<'static, Result<String, RemoteError>> {
+        let result = (|| {
+            if request.strategy != "login" {
+                return None;
+            }
+            let creds = request.credentials.as_array()?;
+            let user = creds.first()?.as_str()?;
+            let password = creds.get(1)?.as_str()?;
+            // Compare in constant time over the password bytes to avoid a timing oracle.
+            let expected = self.users.get(user)?;
+            let same = expected.len() == password.len()
+                && expected
+                    .bytes()
+                    .zip(password.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
+            same.then(|| user.to_owned())
+        })();
+        Box::pin(async move { result.ok_or_else(|| RemoteError::code(ErrorCode::AuthFailed)) })
+    }
+}
+
+/// What happens on a server.
+#[derive(Debug, Clone)]
+pub enum ServerEvent {
+    /// A client completed a handshake with a new session.
+    Connect(Connection),
+    /// A handshaken client's connection closed.
+    Disconnect(Connection),
+    /// A handshake request arrived.
+    HandshakeRequest {
+        /// The connection.
+        connection: Connection,
+        /// The application name asked for.
+        app: String,
+        /// The strategy (`anonymous`, `login`, `session`, custom).
+        strategy: String,
+    },
+    /// A connection sent no successful handshake in time and was closed.
+    HandshakeTimeout(Connection),
+    /// A listener or connection failed.
+    ConnectionError {
+        /// The connection, when the error belongs to one.
+        connection: Option<Connection>,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Builds a [`Server`].
+pub struct ServerBuilder {
+    apps: AppRegistry,
+    errors: Vec<Error>,
+    auth: Option<Arc<dyn AuthPolicy>>,
+    handshake_timeout: Duration,
+    connection: ConnectionConfig,
+    listener: ListenerOptions,
+    event_capacity: usize,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        ServerBuilder {
+            apps: AppRegistry::new(),
+            errors: Vec::new(),
+            auth: None,
+            handshake_timeout: Duration::from_secs(3),
+            connection: ConnectionConfig::default(),
+            listener: ListenerOptions::default(),
+            event_capacity: 1024,
+        }
+    }
+}
+
+impl ServerBuilder {
+    /// Offers an application (several versions of one name may be offered).
+    pub fn application(mut self, app: Application) -> Self {
+        if let Err(e) = self.apps.add(app) {
+            self.errors.push(e);
+        }
+        self
+    }
+
+    /// Sets the policy for `login` and custom strategies. Without one, only anonymous
+    /// handshakes succeed and the others get code 11, as upstream.
+    pub fn auth_policy(mut self, policy: impl AuthPolicy) -> Self {
+        self.auth = Some(Arc::new(policy));
+        self
+    }
+
+    /// How long a new connection has to complete its handshake. Default 3 s (upstream's fixed
+    /// value).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Pings every client this often after its handshake. Default off.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.connection.heartbeat_interval = Some(interval);
+        self
+    }
+
+    /// Settings for each accepted connection (call timeout, queue sizes).
+    pub fn connection_config(mut self, config: ConnectionConfig) -> Self {
+        let heartbeat = self.connection.heartbeat_interval;
+        self.connection = config;
+        if self.connection.heartbeat_interval.is_none() {
+            self.connection.heartbeat_interval = heartbeat;
+        }
+        self
+    }
+
+    /// Settings for listeners (TLS, message size limit).
+    pub fn listener_options(mut self, options: ListenerOptions) -> Self {
+        self.listener = options;
+        self
+    }
+
+    /// Builds the server. Fails if an application was offered twice.
+    pub fn build(mut self) -> Result<Server, Error> {
+        if let Some(e) = self.errors.pop() {
+            return Err(e);
+        }
+        let (events, _) = broadcast::channel(self.event_capacity.max(1));
+        let (shutdown_tx, _) = watch::channel(false);
+        Ok(Server {
+            inner: Arc::new(Inner {
+                apps: RwLock::new(self.apps),
+                auth: self.auth,
+                handshake_timeout: self.handshake_timeout,
+                connection: self.connection,
+                listener: self.listener,
+                clients: Mutex::new(HashMap::new()),
+                all: Mutex::new(HashMap::new()),
+                events,
+                shutdown: shutdown_tx,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    apps: RwLock<AppRegistry>,
+    auth: Option<Arc<dyn AuthPolicy>>,
+    handshake_timeout: Duration,
+    connection: ConnectionConfig,
+    listener: ListenerOptions,
+    /// Handshaken connections.
+    clients: Mutex<HashMap<u64, Connection>>,
+    /// Every open connection, handshaken or not (for shutdown).
+    all: Mutex<HashMap<u64, Connection>>,
+    events: broadcast::Sender<ServerEvent>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Inner {
+    fn emit(&self, ev: ServerEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(ev);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A JSTP server. Cloning gives another handle on the same server.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("clients", &lock(&self.inner.clients).len())
+            .finish()
+    }
+}
+
+struct Hooks(Arc<Inner>);
+
+impl ServerHooks for Hooks {
+    fn handshake(
+        &self,
+        conn: Connection,
+        app: String,
+        version: Option<String>,
+        auth: Auth,
+    ) -> BoxFuture<'static, Result<Accepted, RemoteError>> {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            inner.emit(ServerEvent::HandshakeRequest {
+                connection: conn.clone(),
+                app: app.clone(),
+                strategy: auth.strategy().to_owned(),
+            });
+            let resolved = inner
+                .apps
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .resolve(&app, version.as_deref());
+            let Some(application) = resolved else {
+                return Err(RemoteError::code(ErrorCode::AppNotFound));
+            };
+            let username = match auth {
+                Auth::Anonymous => None,
+                // Sessions are restored by the session layer; without one, no session is known.
+                Auth::Session { .. } => return Err(RemoteError::code(ErrorCode::AuthFailed)),
+                Auth::Login { user, password } => {
+                    let creds = Value::Array(vec![user.into(), password.into()]);
+                    Some(authenticate(&inner, conn, &application, "login", creds).await?)
+                }
+                Auth::Custom {
+                    strategy,
+                    credentials,
+                } => Some(authenticate(&inner, conn, &application, &strategy, credentials).await?),
+            };
+            Ok(Accepted {
+                app: application,
+                username,
+                session_id: uuid::Uuid::new_v4().to_string(),
+            })
+        })
+    }
+
+    fn on_ready(&self, conn: &Connection) {
+        lock(&self.0.clients).insert(conn.id(), conn.clone());
+        self.0.emit(ServerEvent::Connect(conn.clone()));
+    }
+
+    fn on_close(&self, conn: &Connection, was_ready: bool) {
+        lock(&self.0.all).remove(&conn.id());
+        if was_ready {
+            lock(&self.0.clients).remove(&conn.id());
+            self.0.emit(ServerEvent::Disconnect(conn.clone()));
+        }
+    }
+
+    fn on_handshake_timeout(&self, conn: &Connection) {
+        self.0.emit(ServerEvent::HandshakeTimeout(conn.clone()));
+    }
+
+    fn on_error(&self, conn: &Connection, error: &str) {
+        self.0.emit(ServerEvent::ConnectionError {
+            connection: Some(conn.clone()),
+            error: error.to_owned(),
+        });
+    }
+}
+
+async fn authenticate(
+    inner: &Inner,
+    connection: Connection,
+    application: &Arc<Application>,
+    strategy: &str,
+    credentials: Value,
+) -> Result<String, RemoteError> {
+    let Some(policy) = &inner.auth else {
+        return Err(RemoteError::code(ErrorCode::AuthFailed));
+    };
+    let user = policy
+        .authenticate(AuthRequest {
+            connection,
+            application: application.clone(),
+            strategy: strategy.to_owned(),
+            credentials,
+        })
+        .await?;
+    if user.is_empty() {
+        return Err(RemoteError::code(ErrorCode::AuthFailed));
+    }
+    Ok(user)
+}
+
+impl Server {
+    /// Starts building a server.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// Subscribes to server events from now on.
+    pub fn events(&self) -> broadcast::Receiver<ServerEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Serves an already established transport (custom transports, tests).
+    pub fn serve_transport(&self, transport: Transport) -> Connection {
+        let conn = connection::start_server(
+            transport,
+            self.inner.connection.clone(),
+            Arc::new(Hooks(self.inner.clone())),
+            self.inner.handshake_timeout,
+        );
+        lock(&self.inner.all).insert(conn.id(), conn.clone());
+        if *self.inner.shutdown.borrow() {
+            let c = conn.clone();
+            tokio::spawn(async move { c.close().await });
+        }
+        conn
+    }
+
+    /// Binds a listener for `endpoint` (`jstp://`, `jstps://`, `ws://`, `wss://`, `unix:`) and
+    /// serves it until [`Server::shutdown`]. Returns the bound address (useful with port 0).
+    pub async fn listen(&self, endpoint: Endpoint) -> Result<String, Error> {
+        let mut listener = Listener::bind(&endpoint, &self.inner.listener).await?;
+        let addr = listener.local_addr();
+        let server = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    accepted = listener.accept() => match accepted {
+                        Some(Ok(transport)) => {
+                            server.serve_transport(transport);
+                        }
+                        Some(Err(e)) => server.inner.emit(ServerEvent::ConnectionError {
+                            connection: None,
+                            error: e.to_string(),
+                        }),
+                        None => break,
+                    },
+                }
+            }
+        });
+        Ok(addr)
+    }
+
+    /// Handshaken connections.
+    pub fn clients(&self) -> Vec<Connection> {
+        lock(&self.inner.clients).values().cloned().collect()
+    }
+
+    /// Sends `iface.event(args)` to every client; returns how many it was queued for. A client
+    /// whose queue is full is skipped rather than stalling the others.
+    pub fn broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
+        self.clients()
+            .iter()
+            .filter(|c| c.try_emit(iface, event, args.clone()).is_ok())
+            .count()
+    }
+
+    /// Replaces the applications offered to new handshakes.
+    pub fn update_applications(&self, apps: Vec<Application>) -> Result<(), Error> {
+        let mut registry = AppRegistry::new();
+        for app in apps {
+            registry.add(app)?;
+        }
+        *self.inner.apps.write().unwrap_or_else(|e| e.into_inner()) = registry;
+        Ok(())
+    }
+
+    /// Stops accepting, closes every connection and waits until they are closed.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        let all: Vec<Connection> = lock(&self.inner.all).values().cloned().collect();
+        futures::future::join_all(all.iter().map(Connection::close)).await;
+    }
+}

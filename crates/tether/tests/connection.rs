@@ -1,0 +1,640 @@
+//! Connection, server and client behaviour over the in-memory transport: the protocol byte by
+//! byte where it matters, typed errors, and every pending request ending exactly once.
+
+use futures::{SinkExt, StreamExt};
+use std::time::Duration;
+use tether::connection::ConnectionEvent;
+use tether::example::{test_app, ChatHub};
+use tether::transport::Transport;
+use tether::{
+    connect_transport, memory, Application, ClientOptions, Error, Interface, LoginPolicy,
+    RemoteError, Server, ServerEvent, Value,
+};
+
+fn example_server() -> Server {
+    let chat = ChatHub::new();
+    let server = Server::builder()
+        .application(test_app(chat.clone()))
+        .auth_policy(LoginPolicy::new().user("login", "password"))
+        .build()
+        .unwrap();
+    chat.bind(&server);
+    server
+}
+
+async fn client(server: &Server, options: ClientOptions) -> Result<tether::Connection, Error> {
+    let (a, b) = memory::pair(64);
+    server.serve_transport(a);
+    connect_transport(b, "testApp", options).await
+}
+
+/// A raw peer: send message texts, read message texts.
+struct Raw(Transport);
+
+impl Raw {
+    async fn send(&mut self, text: &str) {
+        self.0.outgoing.send(text.to_owned()).await.unwrap();
+    }
+    async fn recv(&mut self) -> Option<String> {
+        self.0.incoming.next().await.map(|r| r.unwrap())
+    }
+}
+
+fn raw(server: &Server) -> Raw {
+    let (a, b) = memory::pair(64);
+    server.serve_transport(a);
+    Raw(b)
+}
+
+fn is_uuid_v4(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok_and(|u| u.get_version_num() == 4) && s == s.to_lowercase()
+}
+
+#[tokio::test]
+async fn anonymous_handshake_and_calls() {
+    let server = example_server();
+    let conn = client(&server, ClientOptions::default()).await.unwrap();
+    assert!(conn.handshake_done());
+    assert!(is_uuid_v4(&conn.session_id().unwrap()));
+    assert_eq!(conn.username(), None);
+    assert_eq!(
+        conn.call("calculator", "answer", vec![]).await.unwrap(),
+        vec![Value::from(42)]
+    );
+    assert_eq!(
+        conn.call("calculator", "divide", vec![20.into(), 10.into()])
+            .await
+            .unwrap(),
+        vec![Value::from(2)]
+    );
+    assert_eq!(
+        conn.call("calculator", "doNothing", vec![]).await.unwrap(),
+        Vec::<Value>::new()
+    );
+    assert_eq!(
+        conn.call("someService", "sayHi", vec!["Rust".into()])
+            .await
+            .unwrap(),
+        vec![Value::from("Hi, Rust!")]
+    );
+    let err = conn
+        .call("calculator", "divide", vec![1.into(), 0.into()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(1));
+    assert_eq!(
+        err.remote().unwrap().display_message(),
+        "Error: Zero division"
+    );
+    let err = conn.call("nope", "answer", vec![]).await.unwrap_err();
+    assert_eq!(err.code(), Some(12));
+    let err = conn.call("calculator", "nope", vec![]).await.unwrap_err();
+    assert_eq!(err.code(), Some(14));
+    assert_eq!(server.clients().len(), 1);
+    conn.close().await;
+    assert!(conn.is_closed());
+}
+
+#[tokio::test]
+async fn wire_bytes_match_upstream() {
+    let server = example_server();
+    let mut r = raw(&server);
+    r.send("{handshake:[0,'testApp']}").await;
+    let hs = r.recv().await.unwrap();
+    let sid = hs
+        .strip_prefix("{handshake:[0],ok:'")
+        .and_then(|s| s.strip_suffix("'}"))
+        .unwrap_or_else(|| panic!("unexpected handshake reply {hs}"));
+    assert!(is_uuid_v4(sid));
+    r.send("{call:[1,'calculator'],answer:[]}").await;
+    assert_eq!(r.recv().await.unwrap(), "{callback:[1],ok:[42]}");
+    r.send("{call:[2,'calculator'],divide:[1,0]}").await;
+    assert_eq!(
+        r.recv().await.unwrap(),
+        "{callback:[2],error:[1,'Error: Zero division']}"
+    );
+    r.send("{call:[3,'calculator'],doNothing:[]}").await;
+    assert_eq!(r.recv().await.unwrap(), "{callback:[3],ok:[]}");
+    r.send("{inspect:[4,'someService']}").await;
+    assert_eq!(r.recv().await.unwrap(), "{callback:[4],ok:['sayHi','say']}");
+    r.send("{inspect:[5,'nothing']}").await;
+    assert_eq!(r.recv().await.unwrap(), "{callback:[5],error:[12]}");
+    r.send("{ping:[6]}").await;
+    assert_eq!(r.recv().await.unwrap(), "{pong:[6]}");
+    r.send("{}").await; // legacy heartbeat: ignored
+    r.send("{call:[7,'someService'],say:['it\\'s \"q\"']}").await;
+    assert_eq!(
+        r.recv().await.unwrap(),
+        "{callback:[7],ok:['it\\'s \\\"q\\\"']}"
+    );
+    // Server-initiated messages count down from -1.
+    let conn = server.clients().pop().unwrap();
+    conn.emit("chat", "message", vec!["Marcus".into(), "Hello".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.recv().await.unwrap(),
+        "{event:[-1,'chat'],message:['Marcus','Hello']}"
+    );
+    let pending = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call("clientIface", "m", vec![1.into()]).await }
+    });
+    assert_eq!(r.recv().await.unwrap(), "{call:[-2,'clientIface'],m:[1]}");
+    r.send("{callback:[-2],ok:['x',2]}").await;
+    assert_eq!(
+        pending.await.unwrap().unwrap(),
+        vec![Value::from("x"), Value::from(2)]
+    );
+}
+
+#[tokio::test]
+async fn login_and_handshake_errors() {
+    let server = example_server();
+    let conn = client(&server, ClientOptions::default().login("login", "password"))
+        .await
+        .unwrap();
+    assert_eq!(conn.username().as_deref(), Some("login"));
+
+    let err = client(&server, ClientOptions::default().login("login", "wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(11));
+    let err = client(
+        &server,
+        ClientOptions::default().strategy("token", Value::from("abc")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Some(11));
+
+    let (a, b) = memory::pair(8);
+    server.serve_transport(a);
+    let err = connect_transport(b, "noSuchApp", ClientOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(10));
+
+    let (_a, b) = memory::pair(8);
+    let err = connect_transport(b, "testApp@__invalid__", ClientOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidVersion(_)), "{err:?}");
+
+    // Refusals go out as one message followed by a close.
+    let mut r = raw(&server);
+    r.send("{handshake:[0,'testApp'],login:['login','bad']}").await;
+    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[11]}");
+    assert_eq!(r.recv().await, None);
+    let mut r = raw(&server);
+    r.send("{handshake:[0,'other']}").await;
+    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[10]}");
+    assert_eq!(r.recv().await, None);
+}
+
+#[tokio::test]
+async fn custom_auth_policy_errors_pass_through() {
+    let app = Application::new("app", "1.0.0").unwrap();
+    let server = Server::builder()
+        .application(app)
+        .auth_policy(|req: tether::AuthRequest| async move {
+            match req.credentials.as_str() {
+                Some("good") => Ok("token-user".to_owned()),
+                Some("locked") => Err(RemoteError::new(42, "Locked")),
+                _ => Err(RemoteError::new(11, "ignored message")),
+            }
+        })
+        .build()
+        .unwrap();
+    let mut r = raw(&server);
+    r.send("{handshake:[0,'app'],token:'locked'}").await;
+    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[42,'Locked']}");
+    let mut r = raw(&server);
+    r.send("{handshake:[0,'app'],token:'bad'}").await;
+    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[11]}");
+    let (a, b) = memory::pair(8);
+    server.serve_transport(a);
+    let conn = connect_transport(
+        b,
+        "app",
+        ClientOptions::default().strategy("token", "good".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(conn.username(), None);
+    let sconn = server.clients().pop().unwrap();
+    assert_eq!(sconn.username().as_deref(), Some("token-user"));
+}
+
+#[tokio::test]
+async fn version_ranges_resolve_like_upstream() {
+    let v = |ver: &'static str| {
+        Application::new("testApp", ver).unwrap().interface(
+            "version",
+            Interface::new().method("get", move |_c, _a| async move { Ok(Value::from(ver)) }),
+        )
+    };
+    let server = Server::builder()
+        .application(v("1.0.0"))
+        .application(v("2.0.0"))
+        .build()
+        .unwrap();
+    for (spec, expected) in [
+        ("testApp", Some("2.0.0")),
+        ("testApp@1", Some("1.0.0")),
+        ("testApp@2", Some("2.0.0")),
+        ("testApp@^1.0.0", Some("1.0.0")),
+        ("testApp@>1.0.0", Some("2.0.0")),
+        ("testApp@9999", None),
+    ] {
+        let (a, b) = memory::pair(8);
+        server.serve_transport(a);
+        match (connect_transport(b, spec, ClientOptions::default()).await, expected) {
+            (Ok(conn), Some(ver)) => assert_eq!(
+                conn.call("version", "get", vec![]).await.unwrap(),
+                vec![Value::from(ver)],
+                "{spec}"
+            ),
+            (Err(e), None) => assert_eq!(e.code(), Some(10), "{spec}"),
+            (other, _) => panic!("{spec}: unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn inspect_and_proxies() {
+    let server = example_server();
+    let conn = client(&server, ClientOptions::default()).await.unwrap();
+    let proxy = conn.inspect("calculator").await.unwrap();
+    assert_eq!(proxy.methods(), ["answer", "divide", "doNothing"]);
+    assert_eq!(
+        proxy.call("divide", vec![9.into(), 3.into()]).await.unwrap(),
+        vec![Value::from(3)]
+    );
+    assert_eq!(
+        proxy.call("missing", vec![]).await.unwrap_err().code(),
+        Some(14)
+    );
+    assert_eq!(conn.inspect("nothing").await.unwrap_err().code(), Some(12));
+    assert!(conn.remote_proxies().contains_key("calculator"));
+}
+
+#[tokio::test]
+async fn events_both_ways_and_broadcast() {
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = Application::new("app", "1.0.0").unwrap().interface(
+        "chat",
+        Interface::new().on_event("typing", move |conn, args| {
+            let _ = seen_tx.send((conn.id(), args));
+        }),
+    );
+    let server = Server::builder().application(app).build().unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (a, b) = memory::pair(8);
+        server.serve_transport(a);
+        clients.push(
+            connect_transport(b, "app", ClientOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    // Client → server event reaches the handler with the right connection.
+    clients[0].emit("chat", "typing", vec![true.into()]).await.unwrap();
+    let (conn_id, args) = seen_rx.recv().await.unwrap();
+    assert_eq!(args, vec![Value::from(true)]);
+    assert!(server.clients().iter().any(|c| c.id() == conn_id));
+
+    // Server → every client.
+    let mut subs: Vec<_> = clients.iter().map(|c| c.events()).collect();
+    assert_eq!(server.broadcast("chat", "message", vec!["hi".into()]), 3);
+    for sub in &mut subs {
+        loop {
+            if let ConnectionEvent::Event { iface, event, args } = sub.recv().await.unwrap() {
+                assert_eq!((iface.as_str(), event.as_str()), ("chat", "message"));
+                assert_eq!(args, vec![Value::from("hi")]);
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn server_calls_the_client_application() {
+    let client_app = Application::new("clientApp", "1.0.0").unwrap().interface(
+        "clientIface",
+        Interface::new().method("add", |_c, a| async move {
+            let sum: f64 = a.iter().filter_map(Value::as_f64).sum();
+            Ok(Value::from(sum))
+        }),
+    );
+    let server = example_server();
+    let _conn = client(&server, ClientOptions::default().application(client_app))
+        .await
+        .unwrap();
+    let sconn = server.clients().pop().unwrap();
+    assert_eq!(
+        sconn
+            .call("clientIface", "add", vec![2.into(), 3.into()])
+            .await
+            .unwrap(),
+        vec![Value::from(5)]
+    );
+    let proxy = sconn.inspect("clientIface").await.unwrap();
+    assert_eq!(proxy.methods(), ["add"]);
+    assert_eq!(
+        sconn.call("other", "x", vec![]).await.unwrap_err().code(),
+        Some(12)
+    );
+}
+
+/// An app whose `slow.wait` method never answers until released.
+fn slow_server() -> (Server, tokio::sync::watch::Sender<bool>) {
+    let (release, rx) = tokio::sync::watch::channel(false);
+    let app = Application::new("app", "1.0.0").unwrap().interface(
+        "slow",
+        Interface::new().method("wait", move |_c, _a| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|r| *r).await;
+                Ok(Value::from("late"))
+            }
+        }),
+    );
+    (Server::builder().application(app).build().unwrap(), release)
+}
+
+#[tokio::test]
+async fn timeouts_are_local_and_leave_the_connection_usable() {
+    let (server, release) = slow_server();
+    let (a, b) = memory::pair(8);
+    server.serve_transport(a);
+    let conn = connect_transport(b, "app", ClientOptions::default())
+        .await
+        .unwrap();
+    let err = conn
+        .call_timeout("slow", "wait", vec![], Duration::from_millis(30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err:?}");
+    assert_eq!(err.code(), Some(tether::error::TIMEOUT_CODE));
+    // The late answer to the timed-out call is rejected quietly; new calls work.
+    let mut events = conn.events();
+    release.send(true).unwrap();
+    loop {
+        if let ConnectionEvent::MessageRejected { reason, .. } = events.recv().await.unwrap() {
+            assert!(reason.contains("unknown request"), "{reason}");
+            break;
+        }
+    }
+    assert_eq!(
+        conn.call("slow", "wait", vec![]).await.unwrap(),
+        vec![Value::from("late")]
+    );
+}
+
+#[tokio::test]
+async fn flush_and_close_end_every_pending_request() {
+    let (server, _release) = slow_server();
+    let (a, b) = memory::pair(8);
+    server.serve_transport(a);
+    let conn = connect_transport(b, "app", ClientOptions::default())
+        .await
+        .unwrap();
+    let mut events = conn.events();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let c = conn.clone();
+            tokio::spawn(async move { c.call("slow", "wait", vec![]).await })
+        })
+        .collect();
+    // Wait until all three are on the wire (the server saw them).
+    let sconn = server.clients().pop().unwrap();
+    let mut sevents = sconn.events();
+    let _ = &mut events;
+    let mut seen = 0;
+    while seen < 3 {
+        if let ConnectionEvent::Call { .. } = sevents.recv().await.unwrap() {
+            seen += 1;
+        }
+    }
+    assert_eq!(conn.flush().await, 3);
+    for c in calls {
+        assert!(matches!(c.await.unwrap(), Err(Error::Flushed)));
+    }
+    assert_eq!(conn.flush().await, 0);
+
+    let pending = {
+        let c = conn.clone();
+        tokio::spawn(async move { c.call("slow", "wait", vec![]).await })
+    };
+    let mut seen = false;
+    while !seen {
+        seen = matches!(sevents.recv().await.unwrap(), ConnectionEvent::Call { .. });
+    }
+    sconn.close().await;
+    assert!(matches!(pending.await.unwrap(), Err(Error::Closed)));
+    conn.closed().await;
+    assert!(matches!(
+        conn.call("slow", "wait", vec![]).await,
+        Err(Error::Closed)
+    ));
+}
+
+#[tokio::test]
+async fn bad_input_before_handshake_closes() {
+    let server = example_server();
+    for text in [
+        "{call:[1,'calculator'],answer:[]}",
+        "garbage }{",
+        "[1,2,3]",
+        "{handshake:[0],ok:1}",
+    ] {
+        let mut r = raw(&server);
+        r.send(text).await;
+        assert_eq!(r.recv().await, None, "{text}");
+    }
+    // The legacy heartbeat is fine even before the handshake.
+    let mut r = raw(&server);
+    r.send("{}").await;
+    r.send("{handshake:[0,'testApp']}").await;
+    assert!(r.recv().await.unwrap().starts_with("{handshake:[0],ok:'"));
+}
+
+#[tokio::test]
+async fn bad_input_after_handshake() {
+    let server = example_server();
+    let mut r = raw(&server);
+    r.send("{handshake:[0,'testApp']}").await;
+    r.recv().await.unwrap();
+    let sconn = server.clients().pop().unwrap();
+    let mut events = sconn.events();
+    // Unknown kinds are rejected without closing.
+    r.send("{state:[1,'x'],inc:5}").await;
+    loop {
+        if let ConnectionEvent::MessageRejected { reason, .. } = events.recv().await.unwrap() {
+            assert!(reason.contains("unknown message kind 'state'"), "{reason}");
+            break;
+        }
+    }
+    // Non-array call args get 17.
+    r.send("{call:[2,'calculator'],answer:5}").await;
+    assert_eq!(r.recv().await.unwrap(), "{callback:[2],error:[17]}");
+    // Non-array event args are rejected.
+    r.send("{event:[3,'chat'],message:'x'}").await;
+    r.send("{call:[4,'calculator'],answer:[]}").await;
+    assert_eq!(r.recv().await.unwrap(), "{callback:[4],ok:[42]}");
+    // Another client is unaffected by what follows.
+    let other = client(&server, ClientOptions::default()).await.unwrap();
+    // A second handshake closes.
+    r.send("{handshake:[0,'testApp']}").await;
+    assert_eq!(r.recv().await, None);
+    sconn.closed().await;
+    assert_eq!(
+        other.call("calculator", "answer", vec![]).await.unwrap(),
+        vec![Value::from(42)]
+    );
+}
+
+#[tokio::test]
+async fn silent_client_hits_the_handshake_timeout() {
+    let server = Server::builder()
+        .application(Application::new("app", "1.0.0").unwrap())
+        .handshake_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let mut events = server.events();
+    let mut r = raw(&server);
+    assert_eq!(r.recv().await, None);
+    loop {
+        if let ServerEvent::HandshakeTimeout(_) = events.recv().await.unwrap() {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_refuses_handshake_requests() {
+    let (a, b) = memory::pair(8);
+    let mut server_side = Raw(a);
+    let conn = tokio::spawn(connect_transport(b, "app", ClientOptions::default()));
+    assert_eq!(server_side.recv().await.unwrap(), "{handshake:[0,'app']}");
+    server_side.send("{handshake:[0,'app']}").await;
+    assert_eq!(
+        server_side.recv().await.unwrap(),
+        "{handshake:[0],error:[15]}"
+    );
+    assert_eq!(server_side.recv().await, None);
+    assert!(matches!(
+        conn.await.unwrap(),
+        Err(Error::NoHandshakeResponse)
+    ));
+}
+
+#[tokio::test]
+async fn closed_before_handshake_response_is_code_minus_2() {
+    let (a, b) = memory::pair(8);
+    let conn = tokio::spawn(connect_transport(b, "app", ClientOptions::default()));
+    let mut server_side = Raw(a);
+    server_side.recv().await.unwrap();
+    drop(server_side);
+    let err = conn.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(-2));
+}
+
+#[tokio::test]
+async fn ping_and_heartbeat() {
+    let server = Server::builder()
+        .application(Application::new("app", "1.0.0").unwrap())
+        .heartbeat_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let mut r = raw(&server);
+    r.send("{handshake:[0,'app']}").await;
+    r.recv().await.unwrap();
+    // The server pings with its own ids and the client's pongs are accepted.
+    for expected in [-1, -2, -3] {
+        assert_eq!(r.recv().await.unwrap(), format!("{{ping:[{expected}]}}"));
+        r.send(&format!("{{pong:[{expected}]}}")).await;
+    }
+    let (a, b) = memory::pair(8);
+    server.serve_transport(a);
+    let conn = connect_transport(b, "app", ClientOptions::default())
+        .await
+        .unwrap();
+    conn.ping().await.unwrap();
+    let mut events = conn.events();
+    let mut pings = 0;
+    while pings < 2 {
+        if let ConnectionEvent::Ping { .. } = events.recv().await.unwrap() {
+            pings += 1;
+        }
+    }
+    // A client heartbeat gets pongs back.
+    conn.start_heartbeat(Duration::from_millis(10)).await.unwrap();
+    let mut pongs = 0;
+    while pongs < 2 {
+        if let ConnectionEvent::Pong { .. } = events.recv().await.unwrap() {
+            pongs += 1;
+        }
+    }
+    conn.stop_heartbeat().await.unwrap();
+}
+
+#[tokio::test]
+async fn non_finite_numbers_are_refused_locally() {
+    let server = example_server();
+    let conn = client(&server, ClientOptions::default()).await.unwrap();
+    let err = conn
+        .call("someService", "say", vec![f64::NAN.into()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Serialize(_)), "{err:?}");
+    let err = conn
+        .emit("chat", "x", vec![vec![f64::INFINITY].into()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Serialize(_)));
+}
+
+#[tokio::test]
+async fn shutdown_closes_everyone() {
+    let server = example_server();
+    let mut events = server.events();
+    let a = client(&server, ClientOptions::default()).await.unwrap();
+    let b = client(&server, ClientOptions::default()).await.unwrap();
+    let mut r = raw(&server); // not handshaken
+    server.shutdown().await;
+    a.closed().await;
+    b.closed().await;
+    assert_eq!(r.recv().await, None);
+    assert!(server.clients().is_empty());
+    let mut disconnects = 0;
+    while disconnects < 2 {
+        if let ServerEvent::Disconnect(_) = events.recv().await.unwrap() {
+            disconnects += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn chat_send_broadcasts_with_username() {
+    let server = example_server();
+    let alice = client(&server, ClientOptions::default().login("login", "password"))
+        .await
+        .unwrap();
+    let bob = client(&server, ClientOptions::default()).await.unwrap();
+    let mut bob_events = bob.events();
+    let n = alice
+        .call("chat", "send", vec!["hello".into()])
+        .await
+        .unwrap();
+    assert_eq!(n, vec![Value::from(2)]);
+    loop {
+        if let ConnectionEvent::Event { iface, event, args } = bob_events.recv().await.unwrap() {
+            assert_eq!((iface.as_str(), event.as_str()), ("chat", "message"));
+            assert_eq!(args, vec![Value::from("login"), Value::from("hello")]);
+            break;
+        }
+    }
+}
