@@ -99,7 +99,14 @@ impl Value {
     /// The number as an integer, if it is a number with no fractional part that fits an `i64`.
     pub fn as_i64(&self) -> Option<i64> {
         match self {
-            Value::Number(n) if n.fract() == 0.0 && n.abs() < 9.3e18 => Some(*n as i64),
+            // i64's range is [-2^63, 2^63); both bounds are exact doubles.
+            Value::Number(n)
+                if n.fract() == 0.0
+                    && *n >= -9.223372036854775808e18
+                    && *n < 9.223372036854775808e18 =>
+            {
+                Some(*n as i64)
+            }
             _ => None,
         }
     }
@@ -183,5 +190,26 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 impl From<Object> for Value {
     fn from(o: Object) -> Self {
         Value::Object(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_i64_only_for_integers_in_range() {
+        assert_eq!(Value::from(42).as_i64(), Some(42));
+        assert_eq!(Value::from(-0.0).as_i64(), Some(0));
+        assert_eq!(Value::from(1.5).as_i64(), None);
+        assert_eq!(Value::from(f64::NAN).as_i64(), None);
+        assert_eq!(Value::from(f64::INFINITY).as_i64(), None);
+        assert_eq!(
+            Value::from(-9.223372036854775808e18).as_i64(),
+            Some(i64::MIN)
+        );
+        assert_eq!(Value::from(9.223372036854775808e18).as_i64(), None);
+        assert_eq!(Value::from(9.25e18).as_i64(), None);
+        assert_eq!(Value::from("1").as_i64(), None);
     }
 }
