@@ -14,7 +14,7 @@
 //! assert_eq!(stringify(&Value::Object(o)).unwrap(), "{'7':5,'b-c':2,ok:[1,,null,0.5]}");
 //! ```
 //!
-//! Serialization recurses once per nesting level; values produced by [`crate::parse`] are at
+//! Serialization recurses once per nesting level; values produced by [`crate::parse()`] are at
 //! most [`crate::parse::MAX_DEPTH`] deep, but a hand-built value nested tens of thousands of
 //! levels deep can exhaust the stack.
 
@@ -54,7 +54,7 @@ fn check_finite(value: &Value) -> Result<(), SerializeError> {
 ///
 /// A top-level `Undefined` writes the word `undefined`; inside arrays `Undefined` elements are
 /// written as holes (nothing between the commas), and object properties holding `Undefined`
-/// are left out. Non-finite numbers write `NaN`/`Infinity`/`-Infinity` (use [`stringify`] to
+/// are left out. Non-finite numbers write `NaN`/`Infinity`/`-Infinity` (use [`stringify()`] to
 /// refuse them).
 pub fn write_value(value: &Value, out: &mut String) {
     match value {

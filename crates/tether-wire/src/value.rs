@@ -101,9 +101,7 @@ impl Value {
         match self {
             // i64's range is [-2^63, 2^63); both bounds are exact doubles.
             Value::Number(n)
-                if n.fract() == 0.0
-                    && *n >= -9.223372036854775808e18
-                    && *n < 9.223372036854775808e18 =>
+                if n.fract() == 0.0 && *n >= (i64::MIN as f64) && *n < -(i64::MIN as f64) =>
             {
                 Some(*n as i64)
             }
@@ -204,11 +202,8 @@ mod tests {
         assert_eq!(Value::from(1.5).as_i64(), None);
         assert_eq!(Value::from(f64::NAN).as_i64(), None);
         assert_eq!(Value::from(f64::INFINITY).as_i64(), None);
-        assert_eq!(
-            Value::from(-9.223372036854775808e18).as_i64(),
-            Some(i64::MIN)
-        );
-        assert_eq!(Value::from(9.223372036854775808e18).as_i64(), None);
+        assert_eq!(Value::from(i64::MIN as f64).as_i64(), Some(i64::MIN));
+        assert_eq!(Value::from(-(i64::MIN as f64)).as_i64(), None);
         assert_eq!(Value::from(9.25e18).as_i64(), None);
         assert_eq!(Value::from("1").as_i64(), None);
     }
