@@ -4,6 +4,27 @@
 //!
 //! * TCP, TLS and Unix sockets carry NUL-terminated messages ([`tether_wire::NulFramer`]).
 //! * WebSocket and WSS carry one message per text message, subprotocol `metarhia-jstp`.
+//!
+//! Servers get transports from a [`Listener`] ([`Listener::bind`] an [`Endpoint`] with
+//! [`ListenerOptions`]); clients from [`connect`] with a [`ClientTransportConfig`]. TLS settings
+//! come from [`server_config`] and [`TlsClientOptions`].
+
+mod connect;
+mod endpoint;
+mod listener;
+mod nul;
+mod tls;
+mod ws;
+
+pub use connect::{connect, ClientTransportConfig};
+pub use endpoint::Endpoint;
+pub use listener::{Listener, ListenerOptions};
+pub use nul::{nul_transport, NulCodec, READ_BUFFER_SIZE};
+pub use tls::{
+    client_config, load_certs, load_private_key, server_config, server_config_from_der,
+    TlsClientOptions,
+};
+pub use ws::{fragment_ranges, DEFAULT_FRAGMENT_SIZE, MAX_FRAGMENT_SIZE, SUBPROTOCOL};
 
 use futures::{Sink, Stream};
 use std::pin::Pin;
@@ -52,7 +73,9 @@ pub struct Transport {
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("info", &self.info).finish()
+        f.debug_struct("Transport")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -74,6 +97,12 @@ pub enum TransportError {
     /// The URL or address could not be understood.
     #[error("invalid address: {0}")]
     InvalidAddress(String),
+    /// Connecting or a handshake took too long.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// An outgoing message cannot be sent on this transport (e.g. it contains a NUL byte).
+    #[error("invalid outgoing message: {0}")]
+    InvalidMessage(String),
     /// The transport is closed.
     #[error("transport closed")]
     Closed,
