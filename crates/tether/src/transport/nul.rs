@@ -2,12 +2,22 @@
 
 use super::{Transport, TransportError, TransportInfo};
 use bytes::{BufMut, BytesMut};
+use futures::{ready, Sink};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tether_wire::{FrameError, NulFramer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
 
 /// Initial capacity of the socket read buffer of a NUL-framed transport.
 pub const READ_BUFFER_SIZE: usize = 8 * 1024;
+
+/// After this many bytes have passed through a framer, it is replaced by a fresh one at the
+/// next message boundary, releasing the memory a large message left behind.
+const FRAMER_RECYCLE_BYTES: usize = 256 * 1024;
+
+/// An idle write buffer larger than this (left by a large message) is released after a flush.
+const MAX_IDLE_WRITE_BUFFER: usize = 256 * 1024;
 
 /// A [`tokio_util::codec`] codec for NUL-terminated JSTP messages.
 ///
@@ -22,6 +32,10 @@ pub const READ_BUFFER_SIZE: usize = 8 * 1024;
 #[derive(Debug)]
 pub struct NulCodec {
     framer: NulFramer,
+    /// Bytes pushed into `framer` since it was created.
+    pushed: usize,
+    /// A fatal error was returned; the framer must not be replaced any more.
+    failed: bool,
 }
 
 impl NulCodec {
@@ -29,6 +43,8 @@ impl NulCodec {
     pub fn new(max_message_size: usize) -> Self {
         NulCodec {
             framer: NulFramer::new(max_message_size),
+            pushed: 0,
+            failed: false,
         }
     }
 
@@ -51,11 +67,22 @@ impl Decoder for NulCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<String>, TransportError> {
         if !src.is_empty() {
+            if self.pushed > FRAMER_RECYCLE_BYTES && self.framer.buffered() == 0 && !self.failed {
+                // At a message boundary: drop the framer's buffer, which keeps the capacity of
+                // the largest message seen.
+                self.framer = NulFramer::new(self.framer.max_message_size());
+                self.pushed = 0;
+            }
             // The framer keeps the partial message, so the socket buffer stays small.
             self.framer.push(src);
+            self.pushed = self.pushed.saturating_add(src.len());
             src.clear();
         }
-        Ok(self.framer.next_message().transpose()?)
+        let next = self.framer.next_message().transpose();
+        if let Err(FrameError::TooLarge { .. }) = next {
+            self.failed = true;
+        }
+        Ok(next?)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<String>, TransportError> {
@@ -116,15 +143,53 @@ pub fn nul_transport<R, W>(
 ) -> Transport
 where
     R: AsyncRead + Send + 'static,
-    W: AsyncWrite + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let incoming =
         FramedRead::with_capacity(read, NulCodec::new(max_message_size), READ_BUFFER_SIZE);
-    let outgoing = FramedWrite::new(write, NulCodec::new(max_message_size));
+    let outgoing = NulSink {
+        inner: FramedWrite::new(write, NulCodec::new(max_message_size)),
+        grown: false,
+    };
     Transport {
         incoming: Box::pin(incoming),
         outgoing: Box::pin(outgoing),
         info,
+    }
+}
+
+/// [`FramedWrite`] that gives back the memory of a large message once it has been flushed.
+struct NulSink<W> {
+    inner: FramedWrite<W, NulCodec>,
+    /// A message larger than [`MAX_IDLE_WRITE_BUFFER`] went through the write buffer since
+    /// it was last replaced.
+    grown: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Sink<String> for NulSink<W> {
+    type Error = TransportError;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Sink::<String>::poll_ready(Pin::new(&mut self.inner), cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: String) -> Result<(), Self::Error> {
+        self.grown |= item.len() > MAX_IDLE_WRITE_BUFFER;
+        Pin::new(&mut self.inner).start_send(item)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        ready!(Sink::<String>::poll_flush(Pin::new(&mut self.inner), cx))?;
+        if self.grown {
+            // `BytesMut` keeps its largest allocation even when empty: let it go.
+            *self.inner.write_buffer_mut() = BytesMut::new();
+            self.grown = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Sink::<String>::poll_close(Pin::new(&mut self.inner), cx)
     }
 }
 
@@ -142,6 +207,44 @@ mod tests {
         buf.extend_from_slice(b"2}\0");
         assert_eq!(c.decode(&mut buf).unwrap(), Some("{b:2}".into()));
         assert_eq!(c.decode_eof(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn framer_is_recycled_at_message_boundaries() {
+        let mut c = NulCodec::new(1 << 20);
+        let big = "x".repeat(FRAMER_RECYCLE_BYTES + 1);
+        let mut buf = BytesMut::from(format!("{big}\0").as_bytes());
+        assert_eq!(c.decode(&mut buf).unwrap().as_deref(), Some(&big[..]));
+        assert!(c.pushed > FRAMER_RECYCLE_BYTES);
+        // A message split across reads survives the recycling that happens before it.
+        buf.extend_from_slice(b"{a:");
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        assert_eq!(c.pushed, 3, "recycled before the new bytes");
+        buf.extend_from_slice(b"1}\0");
+        assert_eq!(c.decode(&mut buf).unwrap().as_deref(), Some("{a:1}"));
+    }
+
+    #[tokio::test]
+    async fn large_write_buffer_is_released_after_flush() {
+        use futures::SinkExt;
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let mut sink = NulSink {
+            inner: FramedWrite::new(a, NulCodec::default()),
+            grown: false,
+        };
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            b.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        sink.send("{x:1}".to_owned()).await.unwrap();
+        assert!(!sink.grown);
+        sink.send("y".repeat(1 << 20)).await.unwrap();
+        assert!(!sink.grown);
+        assert_eq!(sink.inner.write_buffer().capacity(), 0, "buffer replaced");
+        sink.close().await.unwrap();
+        assert_eq!(reader.await.unwrap().len(), 6 + (1 << 20) + 1);
     }
 
     #[test]
