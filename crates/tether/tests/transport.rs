@@ -475,7 +475,14 @@ async fn ws_server_fragments_large_messages_below_one_mib() {
     assert!(frames >= 192, "{frames} frames");
     let (fin, opcode, payload) = within(read_frame(&mut raw)).await;
     assert_eq!((fin, opcode, &payload[..]), (true, 1, &b"{small:1}"[..]));
-    within(send).await.unwrap();
+    let mut server = within(send).await.unwrap();
+    // Closing sends a close frame with status 1000 (Node reports a bare one as 1006).
+    within(server.outgoing.close()).await.unwrap();
+    let (fin, opcode, payload) = within(read_frame(&mut raw)).await;
+    assert_eq!(
+        (fin, opcode, &payload[..]),
+        (true, 8, &1000u16.to_be_bytes()[..])
+    );
 }
 
 /// The Sec-WebSocket-Key of a request head.

@@ -20,8 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -174,6 +175,8 @@ struct WsOutgoing<S> {
     ws: SharedWs<S>,
     pending: Option<Fragmenting>,
     fragment_size: usize,
+    /// Our close frame has been queued.
+    close_queued: bool,
 }
 
 impl<S> WsOutgoing<S>
@@ -251,6 +254,17 @@ where
         ready!(self.poll_pending(&mut ws, cx))?;
         // Empty the write buffer first so the close frame always fits in it.
         ready!(ws.poll_flush_unpin(cx)).map_err(map_ws_error)?;
+        if !self.close_queued {
+            // Close with 1000 as upstream does: Node's `websocket` reports a close frame
+            // without a status code as an abnormal closure (1006). If the peer closed first,
+            // this is refused and `poll_close` below just completes the handshake.
+            let normal = CloseFrame {
+                code: CloseCode::Normal,
+                reason: Default::default(),
+            };
+            let _ = ws.start_send_unpin(Message::Close(Some(normal)));
+            self.close_queued = true;
+        }
         ws.poll_close_unpin(cx).map_err(map_ws_error)
     }
 }
@@ -274,6 +288,7 @@ where
             ws,
             pending: None,
             fragment_size: clamp_fragment_size(fragment_size),
+            close_queued: false,
         }),
         info,
     }
