@@ -6,7 +6,36 @@
 // application or as a client running a named scenario.
 //
 // stdout carries JSON lines only (one object per line); logs go to stderr.
-// See the usage text below (or run with --help) for the exact interface.
+//
+// SERVER  node jstp-peer.js server [--host 127.0.0.1] [--tcp P] [--tls P]
+//           [--ws P] [--wss P] [--unix PATH] [--cert F --key F]
+//           [--heartbeat MS] [--login USER:PASS]... [--trace]
+//   Apps testApp@1.0.0 and testApp@2.0.0 (same interfaces; no version in the
+//   handshake picks 2.0.0): calculator.answer/divide/doNothing,
+//   someService.sayHi/say, someOtherService.method/otherMethod, version.get
+//   (-> '1.0.0' / '2.0.0'), chat.send(text) (call or event; broadcasts
+//   chat.message(username, text) to every client), events.<any> events
+//   (echoed back as events.echo(name, ...args)), control.emit(iface, event,
+//   args), control.emitLater(iface, event, args, ms), control.callClient(
+//   iface, method, args), control.inspectClient(iface), control.ping(),
+//   control.drop(), control.end(). Arity is strict (jstp rule): other
+//   argument counts get error 17.
+//   Lines: {"ready":true,"tcp":N|null,"tls":..,"ws":..,"wss":..,"unix":PATH|null}
+//   then {"event":E,"conn":ID,"transport":"tcp|tls|ws|wss|unix",...} with E
+//   connect/reconnect (app, version, username, session), disconnect,
+//   handshakeRequest (app, strategy), handshakeTimeout (alreadyClosed),
+//   connectionError (message), call (iface, method, args), remoteEvent
+//   (iface, name, args), inspect (iface), callback (error, ok), ping/pong
+//   (id), heartbeat, rejected (message), in/out (message, only --trace);
+//   also {"event":"uncaughtException","message":..}.
+//
+// CLIENT  node jstp-peer.js client URL SCENARIO [options]
+//   URL jstp://h:p | jstps://h:p | ws://h:p | wss://h:p | unix:/path
+//   Lines: {"step":S,"ok":true,"result":R[,"pass":B]} or
+//          {"step":S,"ok":false,"error":{"code":C,"message":M}[,"pass":B]},
+//   then {"done":true} (exit 0; with --strict exit 1 if any "pass":false),
+//   or {"fatal":true,"error":{"code":null,"message":M}} (exit 1).
+//   Scenarios are the SCENARIOS object below; each documents its options.
 
 const fs = require('fs');
 const path = require('path');
