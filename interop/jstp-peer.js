@@ -917,13 +917,17 @@ const SCENARIOS = {
   },
 
   // Chat: optionally send --send TEXT (--via call|event, default call) and
-  // wait for --expect N chat.message events (default 1; 0 = don't wait).
+  // wait for --expect N chat.message events (default 1; 0 = don't wait);
+  // with --match TEXT only messages carrying that text count. Every event
+  // received is printed as an "event" step.
   async events(run, opts) {
     const c = await run.mustOpen();
     const expected = opts.int('expect', 1);
+    const match = opts.get('match');
     let received = 0;
-    run.collectEvents(c, (iface, event) => {
-      if (iface === 'chat' && event === 'message') received++;
+    run.collectEvents(c, (iface, event, args) => {
+      if (iface !== 'chat' || event !== 'message') return;
+      if (match === undefined || args[1] === match) received++;
     });
     if (opts.has('send')) {
       const text = opts.get('send');

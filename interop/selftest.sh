@@ -140,8 +140,8 @@ transport_suite() {
   client "$t" "$u" version --app 'testApp@>1.0.0' --expect 2.0.0
   client "$t" "$u" version --app 'testApp' --expect 2.0.0
   client "$t" "$u" version --app 'testApp@9999' --expect 10
-  client "$t" "$u" events --send "hello over $t" -- '"event":"message","args":\[null,"hello over '"$t"'"\]'
-  client "$t" "$u" events --send "event over $t" --via event -- '"args":\[null,"event over '"$t"'"\]'
+  client "$t" "$u" events --send "hello over $t" --match "hello over $t" -- '"event":"message","args":\[null,"hello over '"$t"'"\]'
+  client "$t" "$u" events --send "event over $t" --match "event over $t" --via event -- '"args":\[null,"event over '"$t"'"\]'
   client "$t" "$u" echo
   client "$t" "$u" echo --event custom --args '["a",{"b":[1,2]}]'
   client "$t" "$u" server-events
@@ -181,9 +181,9 @@ for _ in $(seq 1 100); do
   grep -q '"step":"handshake"' "$listener_out" 2>/dev/null && break
   sleep 0.1
 done
-client ws "${urls[ws]}" events --send "from ws" --expect 1
-client wss "${urls[wss]}" events --send "from wss" --expect 1
-client unix "${urls[unix]}" events --send "from unix" --expect 1
+client ws "${urls[ws]}" events --send "from ws" --match "from ws"
+client wss "${urls[wss]}" events --send "from wss" --match "from wss"
+client unix "${urls[unix]}" events --send "from unix" --match "from unix"
 rc=0
 wait "$listener" || rc=$?
 if [ "$rc" -ne 0 ] || ! why="$(check "$listener_out" '"from ws"' '"from wss"' '"from unix"' 2>&1)"; then
