@@ -40,6 +40,7 @@ pub mod error;
 pub mod example;
 pub mod memory;
 pub mod server;
+pub mod store;
 pub mod transport;
 
 pub use app::{AppRegistry, Application, Interface, MethodResult};
