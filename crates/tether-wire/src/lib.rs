@@ -2,8 +2,10 @@
 //!
 //! Nothing here touches a socket or a runtime: the codec turns text into [`Value`]s and back
 //! following the mdsf "record serialization" rules that `@metarhia/jstp` uses, the framer splits a
-//! byte stream on NUL terminators, and the message model classifies a parsed value as one of the
-//! JSTP message kinds. The async layer in the `tether` crate drives these with real transports.
+//! byte stream on NUL terminators, the message model classifies a parsed value as one of the
+//! JSTP message kinds, and [`session`] keeps the resend buffer and delivery counters that let a
+//! session survive reconnects. The async layer in the `tether` crate drives these with real
+//! transports.
 //!
 //! ```
 //! use tether_wire::{Message, Value};
@@ -28,6 +30,7 @@ pub mod frame;
 pub mod message;
 pub mod parse;
 pub mod ser;
+pub mod session;
 pub mod value;
 
 pub use error::{ErrorCode, RemoteErrorArray};
@@ -35,4 +38,8 @@ pub use frame::{encode_frame, FrameError, NulFramer, DEFAULT_MAX_MESSAGE_SIZE};
 pub use message::{Auth, CallbackResult, DecodeError, HandshakeResult, Message};
 pub use parse::{parse, ParseError};
 pub use ser::{stringify, write_string_literal, write_value, SerializeError};
+pub use session::{
+    BufferLimit, BufferedMessage, RequestKind, RestoreOutcome, RestorePlan, RestoreRequest, Role,
+    Session, SessionConfig, SessionError, SessionState,
+};
 pub use value::{Object, Value};
