@@ -358,6 +358,13 @@ fn log_server_event(event: &ServerEvent) {
             "client connected"
         ),
         ServerEvent::Disconnect(c) => tracing::info!(id = c.id(), "client disconnected"),
+        ServerEvent::Reconnect(c) => tracing::info!(
+            id = c.id(),
+            remote = ?c.remote_addr(),
+            session = ?c.session_id(),
+            "client restored its session"
+        ),
+        ServerEvent::RestoreSession(_) => {}
         ServerEvent::HandshakeRequest {
             connection,
             app,

@@ -35,7 +35,8 @@ use tether_wire::{ErrorCode, Value};
 /// the wire as `ok:[]`) or an error sent as `error:[code, …]`.
 pub type MethodResult = Result<Value, RemoteError>;
 
-type MethodFn = Arc<dyn Fn(Connection, Vec<Value>) -> BoxFuture<'static, MethodResult> + Send + Sync>;
+type MethodFn =
+    Arc<dyn Fn(Connection, Vec<Value>) -> BoxFuture<'static, MethodResult> + Send + Sync>;
 type EventFn = Arc<dyn Fn(Connection, Vec<Value>) + Send + Sync>;
 
 /// One interface: methods (in definition order, which `inspect` reports) and event handlers.
@@ -48,7 +49,10 @@ pub struct Interface {
 impl std::fmt::Debug for Interface {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Interface")
-            .field("methods", &self.methods.iter().map(|m| &m.0).collect::<Vec<_>>())
+            .field(
+                "methods",
+                &self.methods.iter().map(|m| &m.0).collect::<Vec<_>>(),
+            )
             .field("events", &self.events.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -257,8 +261,7 @@ impl NpmRange {
             let req = if alt.is_empty() || alt == "*" || alt.eq_ignore_ascii_case("x") {
                 VersionReq::STAR
             } else if let Some((lo, hi)) = alt.split_once(" - ") {
-                VersionReq::parse(&format!(">={}, {}", lo.trim(), hyphen_upper(hi.trim())?))
-                    .ok()?
+                VersionReq::parse(&format!(">={}, {}", lo.trim(), hyphen_upper(hi.trim())?)).ok()?
             } else {
                 let parts: Vec<String> = alt
                     .split_whitespace()
@@ -318,8 +321,10 @@ mod tests {
 
     fn registry() -> AppRegistry {
         let mut r = AppRegistry::new();
-        r.add(Application::new("testApp", "1.0.0").unwrap()).unwrap();
-        r.add(Application::new("testApp", "2.0.0").unwrap()).unwrap();
+        r.add(Application::new("testApp", "1.0.0").unwrap())
+            .unwrap();
+        r.add(Application::new("testApp", "2.0.0").unwrap())
+            .unwrap();
         r
     }
 
@@ -340,7 +345,10 @@ mod tests {
         assert_eq!(resolved(&r, Some("1.0.0")).as_deref(), Some("1.0.0"));
         assert_eq!(resolved(&r, Some("1.0.1")), None);
         assert_eq!(resolved(&r, Some("1.x")).as_deref(), Some("1.0.0"));
-        assert_eq!(resolved(&r, Some(">=1.0.0 <2.0.0")).as_deref(), Some("1.0.0"));
+        assert_eq!(
+            resolved(&r, Some(">=1.0.0 <2.0.0")).as_deref(),
+            Some("1.0.0")
+        );
         assert_eq!(resolved(&r, Some("1.0.0 - 1.5")).as_deref(), Some("1.0.0"));
         assert_eq!(resolved(&r, Some("~1 || ^2.0.0")).as_deref(), Some("2.0.0"));
         assert_eq!(resolved(&r, Some("*")).as_deref(), Some("2.0.0"));
@@ -350,7 +358,9 @@ mod tests {
     #[test]
     fn duplicate_versions_are_refused() {
         let mut r = registry();
-        assert!(r.add(Application::new("testApp", "1.0.0").unwrap()).is_err());
+        assert!(r
+            .add(Application::new("testApp", "1.0.0").unwrap())
+            .is_err());
     }
 
     #[test]
@@ -358,6 +368,9 @@ mod tests {
         assert!(Application::new("a@b", "1.0.0").is_err());
         assert!(Application::new("a", "1.0").is_err());
         let app = Application::from_spec("chat@2.1.0").unwrap();
-        assert_eq!((app.name(), app.version().to_string().as_str()), ("chat", "2.1.0"));
+        assert_eq!(
+            (app.name(), app.version().to_string().as_str()),
+            ("chat", "2.1.0")
+        );
     }
 }

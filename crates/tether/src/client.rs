@@ -14,8 +14,11 @@
 //! ```
 
 use crate::app::{Application, NpmRange};
-use crate::connection::{self, ClientHandshake, Connection, ConnectionConfig, RemoteProxy};
+use crate::connection::{
+    self, ClientHandshake, ClientReconnect, Connection, ConnectionConfig, RemoteProxy,
+};
 use crate::error::Error;
+use crate::reconnect::{Backoff, Reconnector};
 use crate::transport::{self, ClientTransportConfig, Endpoint, Transport};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +26,7 @@ use std::time::Duration;
 use tether_wire::{Auth, Value};
 
 /// How a client connects.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     /// The handshake strategy. Default anonymous.
     pub auth: Auth,
@@ -33,8 +36,32 @@ pub struct ClientOptions {
     pub connection: ConnectionConfig,
     /// Transport settings (TLS trust, message size limit, connect timeout).
     pub transport: ClientTransportConfig,
-    /// How long to wait for the handshake response. Default 15 s.
+    /// How long to wait for the handshake response (and for a reconnect to connect and
+    /// restore). Default 15 s.
     pub handshake_timeout: Duration,
+    /// When and where to reconnect after the transport drops; `None` never reconnects.
+    /// Default [`Backoff::default`] (1 s doubling to 32 s, plus up to 1 s of jitter), used only
+    /// after a first successful handshake and never after [`Connection::close`]. Connections
+    /// made with [`connect_transport`] have no endpoint to reconnect to and never do.
+    pub reconnector: Option<Arc<dyn Reconnector>>,
+    /// When the server no longer knows the session (it answers `[11]` to the restore), start a
+    /// new session instead of retrying the old one. Pending requests of the old session then
+    /// fail with [`Error::CallbackLost`]. Default `false`: retry, as upstream.
+    pub fallback_to_new_session: bool,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("auth", &self.auth.strategy())
+            .field("application", &self.application)
+            .field("connection", &self.connection)
+            .field("transport", &self.transport)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("reconnects", &self.reconnector.is_some())
+            .field("fallback_to_new_session", &self.fallback_to_new_session)
+            .finish()
+    }
 }
 
 impl Default for ClientOptions {
@@ -45,6 +72,8 @@ impl Default for ClientOptions {
             connection: ConnectionConfig::default(),
             transport: ClientTransportConfig::default(),
             handshake_timeout: Duration::from_secs(15),
+            reconnector: Some(Arc::new(Backoff::default())),
+            fallback_to_new_session: false,
         }
     }
 }
@@ -83,6 +112,24 @@ impl ClientOptions {
     /// Pings the server this often.
     pub fn heartbeat(mut self, interval: Duration) -> Self {
         self.connection.heartbeat_interval = Some(interval);
+        self
+    }
+
+    /// Reconnects with `reconnector` after the transport drops.
+    pub fn reconnector(mut self, reconnector: impl Reconnector) -> Self {
+        self.reconnector = Some(Arc::new(reconnector));
+        self
+    }
+
+    /// Never reconnects: the connection closes with its transport.
+    pub fn no_reconnect(mut self) -> Self {
+        self.reconnector = None;
+        self
+    }
+
+    /// Starts a new session when the server no longer knows ours.
+    pub fn fallback_to_new_session(mut self, fallback: bool) -> Self {
+        self.fallback_to_new_session = fallback;
         self
     }
 
@@ -125,7 +172,17 @@ pub async fn connect_endpoint(
 ) -> Result<Connection, Error> {
     parse_app_spec(app)?;
     let transport = transport::connect(endpoint, &options.transport).await?;
-    connect_transport(transport, app, options).await
+    let reconnect = options
+        .reconnector
+        .clone()
+        .map(|reconnector| ClientReconnect {
+            endpoint: endpoint.clone(),
+            transport: options.transport.clone(),
+            reconnector,
+            fallback_to_new_session: options.fallback_to_new_session,
+            handshake_timeout: options.handshake_timeout,
+        });
+    start(transport, app, options, reconnect).await
 }
 
 /// Performs the client handshake over an already established transport (custom transports,
@@ -134,6 +191,15 @@ pub async fn connect_transport(
     transport: Transport,
     app: &str,
     options: ClientOptions,
+) -> Result<Connection, Error> {
+    start(transport, app, options, None).await
+}
+
+async fn start(
+    transport: Transport,
+    app: &str,
+    options: ClientOptions,
+    reconnect: Option<ClientReconnect>,
 ) -> Result<Connection, Error> {
     let (name, version) = parse_app_spec(app)?;
     connection::start_client(
@@ -146,6 +212,7 @@ pub async fn connect_transport(
             local_app: Arc::new(options.application),
         },
         options.handshake_timeout,
+        reconnect,
     )
     .await
 }
@@ -159,8 +226,7 @@ pub async fn connect_and_inspect(
     options: ClientOptions,
 ) -> Result<(Connection, HashMap<String, RemoteProxy>), Error> {
     let conn = connect(url, app, options).await?;
-    let results =
-        futures::future::join_all(interfaces.iter().map(|i| conn.inspect(i))).await;
+    let results = futures::future::join_all(interfaces.iter().map(|i| conn.inspect(i))).await;
     let mut proxies = HashMap::new();
     for (name, result) in interfaces.iter().zip(results) {
         match result {

@@ -8,15 +8,21 @@
 
 use crate::app::Application;
 use crate::error::{Error, RemoteError};
-use crate::transport::{MessageSink, MessageStream, Transport, TransportInfo};
+use crate::reconnect::Reconnector;
+use crate::transport::{
+    self, ClientTransportConfig, Endpoint, MessageSink, MessageStream, Transport, TransportError,
+    TransportInfo,
+};
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tether_wire::session::Role as SessionRole;
 use tether_wire::{
-    Auth, CallbackResult, ErrorCode, HandshakeResult, Message, RemoteErrorArray, Value,
+    Auth, CallbackResult, ErrorCode, HandshakeResult, Message, RemoteErrorArray, Session,
+    SessionConfig, Value,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::time::{delay_queue, DelayQueue};
@@ -44,6 +50,10 @@ pub struct ConnectionConfig {
     pub max_pending: usize,
     /// Ping the peer this often once the handshake is done. Default off, as upstream.
     pub heartbeat_interval: Option<Duration>,
+    /// Bounds of the session's resend buffer (sent requests and events not yet confirmed by
+    /// the peer). Defaults: 16 384 messages, 64 MiB; past them requests fail with
+    /// [`Error::Session`].
+    pub session: SessionConfig,
 }
 
 impl Default for ConnectionConfig {
@@ -54,6 +64,7 @@ impl Default for ConnectionConfig {
             event_capacity: 1024,
             max_pending: 65_536,
             heartbeat_interval: None,
+            session: SessionConfig::default(),
         }
     }
 }
@@ -151,6 +162,8 @@ struct Identity {
     remote_app: Option<String>,
     info: Option<TransportInfo>,
     closed: bool,
+    /// The heartbeat interval in force (restarted after a restore).
+    heartbeat: Option<Duration>,
 }
 
 pub(crate) struct Shared {
@@ -222,6 +235,11 @@ enum Command {
     },
     Heartbeat(Option<Duration>),
     Flush(oneshot::Sender<usize>),
+    /// Server: a new transport restores this connection's session.
+    Adopt {
+        transport: Transport,
+        peer_received: u64,
+    },
     Close,
 }
 
@@ -247,12 +265,18 @@ impl Connection {
 
     /// The peer's address (`ip:port`, or a socket path).
     pub fn remote_addr(&self) -> Option<String> {
-        self.identity().info.as_ref().and_then(|i| i.remote_addr.clone())
+        self.identity()
+            .info
+            .as_ref()
+            .and_then(|i| i.remote_addr.clone())
     }
 
     /// Our address.
     pub fn local_addr(&self) -> Option<String> {
-        self.identity().info.as_ref().and_then(|i| i.local_addr.clone())
+        self.identity()
+            .info
+            .as_ref()
+            .and_then(|i| i.local_addr.clone())
     }
 
     /// The transport in use.
@@ -312,7 +336,11 @@ impl Connection {
     }
 
     async fn send_cmd(&self, cmd: Command) -> Result<(), Error> {
-        self.shared.cmd_tx.send(cmd).await.map_err(|_| Error::Closed)
+        self.shared
+            .cmd_tx
+            .send(cmd)
+            .await
+            .map_err(|_| Error::Closed)
     }
 
     async fn request(&self, kind: RequestKind, timeout: Duration) -> Result<Vec<Value>, Error> {
@@ -439,7 +467,9 @@ impl Connection {
     /// Starts pinging the peer every `interval` (replacing a running heartbeat).
     pub async fn start_heartbeat(&self, interval: Duration) -> Result<(), Error> {
         if interval.is_zero() {
-            return Err(Error::InvalidArgument("heartbeat interval must be > 0".into()));
+            return Err(Error::InvalidArgument(
+                "heartbeat interval must be > 0".into(),
+            ));
         }
         self.send_cmd(Command::Heartbeat(Some(interval))).await
     }
@@ -551,11 +581,28 @@ impl RemoteProxy {
 // ---------------------------------------------------------------------------------------------
 // Starting connections
 
-/// What a server decides about a handshake.
+/// A new session the server accepted.
 pub(crate) struct Accepted {
     pub app: Arc<Application>,
     pub username: Option<String>,
     pub session_id: String,
+}
+
+/// What a server decides about a handshake request.
+pub(crate) enum HandshakeDecision {
+    /// A new session.
+    New(Accepted),
+    /// A live (or detached) connection holds the session: give it this transport.
+    Adopt {
+        target: Connection,
+        peer_received: u64,
+    },
+    /// The session came from the store: continue it on this connection.
+    Restore {
+        session: Session,
+        app: Arc<Application>,
+        peer_received: u64,
+    },
 }
 
 /// The server's side of a connection's life: handshake decisions and bookkeeping.
@@ -567,11 +614,20 @@ pub(crate) trait ServerHooks: Send + Sync + 'static {
         app: String,
         version: Option<String>,
         auth: Auth,
-    ) -> BoxFuture<'static, Result<Accepted, RemoteError>>;
-    /// The handshake response has gone out.
-    fn on_ready(&self, conn: &Connection);
-    /// The connection closed (after `on_ready` or not).
-    fn on_close(&self, conn: &Connection, was_ready: bool);
+    ) -> BoxFuture<'static, Result<HandshakeDecision, RemoteError>>;
+    /// The handshake response has gone out (`restored`: the session was restored, not new).
+    /// `session` is the session's encoded state, for a write-through to the store.
+    fn on_ready(&self, conn: &Connection, restored: bool, session: String);
+    /// The transport dropped but the session is kept for a restore; `session` is its state.
+    fn on_detach(&self, conn: &Connection, session: String);
+    /// The connection closed for good (after `on_ready` or not); `session` is the final state
+    /// of its session, if it had one. The driver awaits this before reporting closed.
+    fn on_close(
+        &self,
+        conn: &Connection,
+        was_ready: bool,
+        session: Option<String>,
+    ) -> BoxFuture<'static, ()>;
     /// No successful handshake within the deadline.
     fn on_handshake_timeout(&self, conn: &Connection);
     /// A transport or protocol error on the connection.
@@ -579,11 +635,21 @@ pub(crate) trait ServerHooks: Send + Sync + 'static {
 }
 
 /// Client handshake parameters.
+#[derive(Clone)]
 pub(crate) struct ClientHandshake {
     pub app: String,
     pub version: Option<String>,
     pub auth: Auth,
     pub local_app: Arc<Application>,
+}
+
+/// How a client reconnects after its transport drops.
+pub(crate) struct ClientReconnect {
+    pub endpoint: Endpoint,
+    pub transport: ClientTransportConfig,
+    pub reconnector: Arc<dyn Reconnector>,
+    pub fallback_to_new_session: bool,
+    pub handshake_timeout: Duration,
 }
 
 fn new_shared(role: Role, config: ConnectionConfig, info: TransportInfo) -> (Connection, Channels) {
@@ -612,16 +678,19 @@ struct Channels {
 }
 
 /// Starts the server side of an accepted transport. The returned connection is not yet
-/// handshaken; the driver enforces `handshake_timeout`.
+/// handshaken; the driver enforces `handshake_timeout`. After a handshake, a dropped transport
+/// detaches the session for `client_expiration` before the connection closes for good.
 pub(crate) fn start_server(
     transport: Transport,
     config: ConnectionConfig,
     hooks: Arc<dyn ServerHooks>,
     handshake_timeout: Duration,
+    client_expiration: Duration,
 ) -> Connection {
     let (conn, ch) = new_shared(Role::Server, config, transport.info.clone());
-    let driver = Driver::new(conn.clone(), transport, ch, Some(hooks), Role::Server);
-    tokio::spawn(driver.run(Some(Instant::now() + handshake_timeout), None));
+    let mut driver = Driver::new(conn.clone(), transport, ch, Some(hooks), Role::Server);
+    driver.client_expiration = client_expiration;
+    tokio::spawn(driver.run(Instant::now() + handshake_timeout, None));
     conn
 }
 
@@ -631,6 +700,7 @@ pub(crate) async fn start_client(
     config: ConnectionConfig,
     handshake: ClientHandshake,
     handshake_timeout: Duration,
+    reconnect: Option<ClientReconnect>,
 ) -> Result<Connection, Error> {
     let (conn, ch) = new_shared(Role::Client, config, transport.info.clone());
     {
@@ -645,12 +715,11 @@ pub(crate) async fn start_client(
             None => handshake.app.clone(),
         });
     }
-    let driver = Driver::new(conn.clone(), transport, ch, None, Role::Client);
+    let mut driver = Driver::new(conn.clone(), transport, ch, None, Role::Client);
+    driver.reconnect = reconnect;
+    driver.client_handshake = Some(handshake);
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(driver.run(
-        Some(Instant::now() + handshake_timeout),
-        Some((handshake, tx)),
-    ));
+    tokio::spawn(driver.run(Instant::now() + handshake_timeout, Some(tx)));
     rx.await.unwrap_or(Err(Error::NoHandshakeResponse))?;
     Ok(conn)
 }
@@ -668,41 +737,131 @@ struct Pending {
     kind: PendingKind,
     key: delay_queue::Key,
     timeout: Duration,
-    is_inspect: bool,
 }
 
 type HandshakeReply = oneshot::Sender<Result<(), Error>>;
 
+/// The transport a driver currently uses.
+struct Link {
+    incoming: MessageStream,
+    sink: MessageSink,
+    /// Written since the last flush.
+    dirty: bool,
+}
+
+impl Link {
+    fn new(transport: Transport) -> Self {
+        Link {
+            incoming: transport.incoming,
+            sink: transport.outgoing,
+            dirty: false,
+        }
+    }
+}
+
+/// Where a connection is in its life.
+enum Phase {
+    /// Waiting for the first handshake (request on a server, response on a client).
+    Handshake,
+    /// Handshaken, with a transport.
+    Open,
+    /// Client: transport lost; the next attempt starts at the timer.
+    Waiting { endpoint: Endpoint },
+    /// Client: a transport is being connected.
+    Connecting,
+    /// Client: the restore (`fresh`: a new-session) handshake went out on a new transport.
+    Restoring { fresh: bool },
+    /// Server: transport lost; the session waits for its client until the timer.
+    Detached,
+}
+
 struct Driver {
     conn: Connection,
     role: Role,
-    incoming: MessageStream,
-    sink: MessageSink,
+    link: Option<Link>,
     cmd_rx: mpsc::Receiver<Command>,
     closed_tx: watch::Sender<bool>,
     hooks: Option<Arc<dyn ServerHooks>>,
     app: Option<Arc<Application>>,
     pending: HashMap<i64, Pending>,
     deadlines: DelayQueue<i64>,
-    next_id: i64,
-    delta: i64,
+    /// The session, from the handshake on.
+    session: Option<Session>,
+    phase: Phase,
+    /// The phase's deadline: handshake timeout, next reconnect attempt, restore timeout, or
+    /// the end of a detached session's wait.
+    timer: Option<tokio::time::Instant>,
     handshake_done: bool,
     ready_notified: bool,
     heartbeat: Option<tokio::time::Interval>,
-    /// `abs(id)` of the last request received: JSTP's session delivery counter.
-    received_count: u64,
-    dirty: bool,
+    /// Client: how to reconnect (`None`: never).
+    reconnect: Option<ClientReconnect>,
+    client_handshake: Option<ClientHandshake>,
+    connecting: Option<BoxFuture<'static, Result<Transport, Error>>>,
+    /// Failed reconnect attempts in a row.
+    failures: u32,
+    /// Client: the server refused our session; the next transport starts a new one.
+    new_session_next: bool,
+    /// Server: how long a detached session waits for its client.
+    client_expiration: Duration,
 }
 
-/// Why the driver stops.
+/// Why the driver (or its current transport) stops.
 enum Stop {
-    /// Local close: send FIN/close frame.
+    /// Local close or a protocol-mandated close: flush, then FIN/close frame.
     Graceful,
-    /// The peer went away or the transport failed.
+    /// The connection ends for good (a protocol violation, or a transport loss that cannot be
+    /// recovered).
     Gone(Option<String>),
+    /// The transport failed or ended; the session may survive it.
+    LinkLost(Option<String>),
+    /// Server: this transport now serves another connection that restored its session.
+    HandedOver,
 }
 
 const REJECT_PREVIEW: usize = 1024;
+
+async fn next_incoming(link: &mut Option<Link>) -> Option<Result<String, TransportError>> {
+    match link {
+        Some(l) => l.incoming.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(heartbeat: &mut Option<tokio::time::Interval>) {
+    match heartbeat {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn until(timer: Option<tokio::time::Instant>) {
+    match timer {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn connected(
+    connecting: &mut Option<BoxFuture<'static, Result<Transport, Error>>>,
+) -> Result<Transport, Error> {
+    match connecting {
+        Some(f) => {
+            let r = f.await;
+            *connecting = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn heartbeat_interval(every: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
 
 impl Driver {
     fn new(
@@ -715,21 +874,25 @@ impl Driver {
         let app = conn.identity().app.clone();
         Driver {
             role,
-            incoming: transport.incoming,
-            sink: transport.outgoing,
+            link: Some(Link::new(transport)),
             cmd_rx: ch.cmd_rx,
             closed_tx: ch.closed_tx,
             hooks,
             app,
             pending: HashMap::new(),
             deadlines: DelayQueue::new(),
-            next_id: 0,
-            delta: if role == Role::Client { 1 } else { -1 },
+            session: None,
+            phase: Phase::Handshake,
+            timer: None,
             handshake_done: false,
             ready_notified: false,
             heartbeat: None,
-            received_count: 0,
-            dirty: false,
+            reconnect: None,
+            client_handshake: None,
+            connecting: None,
+            failures: 0,
+            new_session_next: false,
+            client_expiration: Duration::from_secs(3600),
             conn,
         }
     }
@@ -740,10 +903,9 @@ impl Driver {
         }
     }
 
-    fn take_id(&mut self) -> i64 {
-        let id = self.next_id;
-        self.next_id += self.delta;
-        id
+    /// Whether messages may be written now: a transport, and no restore in progress.
+    fn can_write(&self) -> bool {
+        self.link.is_some() && matches!(self.phase, Phase::Open | Phase::Handshake)
     }
 
     async fn write(&mut self, msg: &Message) -> Result<(), Stop> {
@@ -751,50 +913,74 @@ impl Driver {
         self.write_text(text).await
     }
 
+    /// Writes on the current transport regardless of phase (handshakes, resends).
     async fn write_text(&mut self, text: String) -> Result<(), Stop> {
-        self.dirty = true;
-        self.sink
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        link.dirty = true;
+        link.sink
             .feed(text)
             .await
-            .map_err(|e| Stop::Gone(Some(e.to_string())))
+            .map_err(|e| Stop::LinkLost(Some(e.to_string())))
     }
 
     async fn flush_out(&mut self) -> Result<(), Stop> {
-        if self.dirty {
-            self.dirty = false;
-            self.sink
-                .flush()
-                .await
-                .map_err(|e| Stop::Gone(Some(e.to_string())))?;
+        if let Some(link) = self.link.as_mut() {
+            if link.dirty {
+                link.dirty = false;
+                link.sink
+                    .flush()
+                    .await
+                    .map_err(|e| Stop::LinkLost(Some(e.to_string())))?;
+            }
         }
         Ok(())
     }
 
-    async fn run(
-        mut self,
-        handshake_deadline: Option<Instant>,
-        mut client: Option<(ClientHandshake, HandshakeReply)>,
-    ) {
-        let mut handshake_reply = None;
+    /// Records a buffered kind in the session and writes it if the transport is usable.
+    /// Fails (writing nothing) when the session buffer is full.
+    async fn send_buffered(&mut self, msg: &Message) -> Result<Result<(), Error>, Stop> {
+        let text = match self.session.as_mut() {
+            Some(session) => match session.on_send_message(msg) {
+                Ok(text) => text,
+                Err(e) => return Ok(Err(Error::Session(e))),
+            },
+            None => msg.encode(),
+        };
+        if self.can_write() {
+            self.write_text(text).await?;
+        }
+        Ok(Ok(()))
+    }
+
+    fn next_id(&self) -> i64 {
+        match &self.session {
+            Some(s) => s.next_message_id(),
+            None => 0,
+        }
+    }
+
+    async fn run(mut self, handshake_deadline: Instant, handshake_reply: Option<HandshakeReply>) {
+        let mut handshake_reply = handshake_reply;
+        self.timer = Some(tokio::time::Instant::from_std(handshake_deadline));
         let stop = 'outer: {
-            if let Some((hs, reply)) = client.take() {
-                let id = self.take_id();
+            if let Some(hs) = self.client_handshake.clone() {
                 let msg = Message::HandshakeRequest {
-                    id,
+                    id: 0,
                     app: hs.app,
                     version: hs.version,
                     auth: hs.auth,
                 };
-                if let Err(stop) = self.write(&msg).await {
+                let sent = match self.write(&msg).await {
+                    Ok(()) => self.flush_out().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(stop) = sent {
                     break 'outer stop;
                 }
-                if let Err(stop) = self.flush_out().await {
-                    break 'outer stop;
-                }
-                handshake_reply = Some(reply);
             }
-            let deadline = handshake_deadline.map(tokio::time::Instant::from_std);
-            match self.main_loop(deadline, &mut handshake_reply).await {
+            match self.main_loop(&mut handshake_reply).await {
                 Ok(()) => Stop::Graceful,
                 Err(stop) => stop,
             }
@@ -804,34 +990,32 @@ impl Driver {
 
     async fn main_loop(
         &mut self,
-        handshake_deadline: Option<tokio::time::Instant>,
         handshake_reply: &mut Option<HandshakeReply>,
     ) -> Result<(), Stop> {
-        let hs_sleep = tokio::time::sleep_until(
-            handshake_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365)),
-        );
-        tokio::pin!(hs_sleep);
         loop {
-            let waiting_handshake = !self.handshake_done && handshake_deadline.is_some();
-            tokio::select! {
+            let step: Result<(), Stop> = tokio::select! {
                 biased;
-                incoming = self.incoming.next() => match incoming {
-                    Some(Ok(text)) => self.on_text(text, handshake_reply).await?,
-                    Some(Err(e)) => return Err(Stop::Gone(Some(e.to_string()))),
-                    None => return Err(Stop::Gone(None)),
+                incoming = next_incoming(&mut self.link) => match incoming {
+                    Some(Ok(text)) => self.on_text(text, handshake_reply).await,
+                    Some(Err(e)) => Err(Stop::LinkLost(Some(e.to_string()))),
+                    None => Err(Stop::LinkLost(None)),
                 },
                 cmd = self.cmd_rx.recv() => match cmd {
                     Some(Command::Close) | None => return Ok(()),
                     Some(cmd) => {
-                        self.on_command(cmd).await?;
+                        let mut r = self.on_command(cmd).await;
                         // Batch whatever else is queued before one flush.
                         for _ in 0..64 {
+                            if r.is_err() {
+                                break;
+                            }
                             match self.cmd_rx.try_recv() {
                                 Ok(Command::Close) => return Ok(()),
-                                Ok(cmd) => self.on_command(cmd).await?,
+                                Ok(cmd) => r = self.on_command(cmd).await,
                                 Err(_) => break,
                             }
                         }
+                        r
                     }
                 },
                 Some(expired) = self.deadlines.next(), if !self.deadlines.is_empty() => {
@@ -841,26 +1025,171 @@ impl Driver {
                             let _ = reply.send(Err(Error::Timeout(p.timeout)));
                         }
                     }
+                    Ok(())
                 },
-                _ = async { self.heartbeat.as_mut().expect("guarded").tick().await }, if self.heartbeat.is_some() && self.handshake_done => {
-                    self.send_heartbeat_ping().await?;
-                },
-                _ = &mut hs_sleep, if waiting_handshake => {
-                    if let Some(h) = &self.hooks {
-                        h.on_handshake_timeout(&self.conn);
-                    }
-                    if let Some(reply) = handshake_reply.take() {
-                        let _ = reply.send(Err(Error::Timeout(Duration::ZERO)));
-                    }
-                    return Err(Stop::Gone(Some("handshake timeout".into())));
-                },
+                _ = tick(&mut self.heartbeat) => self.send_heartbeat_ping().await,
+                _ = until(self.timer) => self.on_timer(handshake_reply).await,
+                transport = connected(&mut self.connecting) => self.on_connected(transport).await,
+            };
+            let step = match step {
+                Ok(()) => self.flush_out().await,
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok(()) => {}
+                Err(Stop::LinkLost(reason)) => self.on_link_lost(reason, handshake_reply)?,
+                Err(stop) => return Err(stop),
             }
-            self.flush_out().await?;
         }
     }
 
+    async fn on_timer(&mut self, handshake_reply: &mut Option<HandshakeReply>) -> Result<(), Stop> {
+        self.timer = None;
+        match std::mem::replace(&mut self.phase, Phase::Open) {
+            Phase::Handshake => {
+                self.phase = Phase::Handshake;
+                if let Some(h) = &self.hooks {
+                    h.on_handshake_timeout(&self.conn);
+                }
+                if let Some(reply) = handshake_reply.take() {
+                    let _ = reply.send(Err(Error::Timeout(Duration::ZERO)));
+                }
+                Err(Stop::Gone(Some("handshake timeout".into())))
+            }
+            Phase::Waiting { endpoint } => {
+                self.emit_event(ConnectionEvent::ReconnectAttempt {
+                    transport: endpoint.to_string(),
+                });
+                let Some(rc) = self.reconnect.as_mut() else {
+                    return Err(Stop::Gone(None));
+                };
+                rc.endpoint.clone_from(&endpoint);
+                let config = rc.transport.clone();
+                let timeout = rc.handshake_timeout;
+                self.connecting = Some(Box::pin(async move {
+                    match tokio::time::timeout(timeout, transport::connect(&endpoint, &config))
+                        .await
+                    {
+                        Ok(r) => r.map_err(Error::from),
+                        Err(_) => Err(Error::Timeout(timeout)),
+                    }
+                }));
+                self.phase = Phase::Connecting;
+                Ok(())
+            }
+            Phase::Restoring { .. } => {
+                self.phase = Phase::Restoring { fresh: false };
+                Err(Stop::LinkLost(Some(
+                    "no answer to the restore handshake".into(),
+                )))
+            }
+            Phase::Detached => {
+                self.phase = Phase::Detached;
+                Err(Stop::Gone(Some("session expired".into())))
+            }
+            other => {
+                self.phase = other;
+                Ok(())
+            }
+        }
+    }
+
+    /// The current transport is gone. A handshaken session survives it: a client schedules a
+    /// reconnect, a server waits for its client; anything else ends the connection.
+    fn on_link_lost(
+        &mut self,
+        reason: Option<String>,
+        handshake_reply: &mut Option<HandshakeReply>,
+    ) -> Result<(), Stop> {
+        if let Some(link) = self.link.take() {
+            // Close our half in the background; the transport is dead or dying anyway.
+            let mut sink = link.sink;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+            });
+        }
+        self.heartbeat = None;
+        if !self.handshake_done || self.session.is_none() {
+            if let Some(reply) = handshake_reply.take() {
+                let _ = reply.send(Err(Error::NoHandshakeResponse));
+            }
+            return Err(Stop::Gone(reason));
+        }
+        if let Some(reason) = &reason {
+            tracing::debug!(conn = self.conn.id(), %reason, "transport lost");
+        }
+        match self.role {
+            Role::Client => {
+                if matches!(self.phase, Phase::Restoring { .. })
+                    || matches!(self.phase, Phase::Connecting)
+                {
+                    self.failures = self.failures.saturating_add(1);
+                    self.emit_event(ConnectionEvent::Reconnect {
+                        error: Some(reason.clone().unwrap_or_else(|| "transport closed".into())),
+                    });
+                }
+                let Some(rc) = &self.reconnect else {
+                    return Err(Stop::Gone(reason));
+                };
+                let Some(attempt) = rc.reconnector.next_attempt(self.failures, &rc.endpoint) else {
+                    return Err(Stop::Gone(reason));
+                };
+                self.connecting = None;
+                self.phase = Phase::Waiting {
+                    endpoint: attempt.endpoint,
+                };
+                self.timer = Some(tokio::time::Instant::now() + attempt.delay);
+                Ok(())
+            }
+            Role::Server => {
+                self.phase = Phase::Detached;
+                self.timer = Some(tokio::time::Instant::now() + self.client_expiration);
+                if let (Some(h), Some(s)) = (&self.hooks, &self.session) {
+                    h.on_detach(&self.conn, s.encode());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Client: a reconnect attempt finished connecting (or failed to).
+    async fn on_connected(&mut self, transport: Result<Transport, Error>) -> Result<(), Stop> {
+        let transport = match transport {
+            Ok(t) => t,
+            Err(e) => return Err(Stop::LinkLost(Some(e.to_string()))),
+        };
+        self.conn.identity().info = Some(transport.info.clone());
+        self.link = Some(Link::new(transport));
+        let (Some(hs), Some(session), Some(rc)) =
+            (&self.client_handshake, &self.session, &self.reconnect)
+        else {
+            return Err(Stop::Gone(None));
+        };
+        let fresh = self.new_session_next;
+        let msg = if fresh {
+            Message::HandshakeRequest {
+                id: 0,
+                app: hs.app.clone(),
+                version: hs.version.clone(),
+                auth: hs.auth.clone(),
+            }
+        } else {
+            session.restore_request(&hs.app, hs.version.as_deref())
+        };
+        self.timer = Some(tokio::time::Instant::now() + rc.handshake_timeout);
+        self.phase = Phase::Restoring { fresh };
+        self.write(&msg).await
+    }
+
     async fn send_heartbeat_ping(&mut self) -> Result<(), Stop> {
-        let id = self.take_id();
+        if !matches!(self.phase, Phase::Open) {
+            return Ok(());
+        }
+        let id = self.next_id();
+        if self.send_buffered(&Message::Ping { id }).await?.is_err() {
+            // A full buffer: skip this beat rather than fail anything.
+            return Ok(());
+        }
         let timeout = self.conn.shared.config.call_timeout;
         let key = self.deadlines.insert(id, timeout);
         self.pending.insert(
@@ -869,10 +1198,9 @@ impl Driver {
                 kind: PendingKind::Heartbeat,
                 key,
                 timeout,
-                is_inspect: false,
             },
         );
-        self.write(&Message::Ping { id }).await
+        Ok(())
     }
 
     async fn on_command(&mut self, cmd: Command) -> Result<(), Stop> {
@@ -890,8 +1218,7 @@ impl Driver {
                     let _ = reply.send(Err(Error::QueueFull));
                     return Ok(());
                 }
-                let id = self.take_id();
-                let is_inspect = matches!(kind, RequestKind::Inspect { .. });
+                let id = self.next_id();
                 let msg = match kind {
                     RequestKind::Call {
                         iface,
@@ -906,6 +1233,10 @@ impl Driver {
                     RequestKind::Inspect { iface } => Message::Inspect { id, iface },
                     RequestKind::Ping => Message::Ping { id },
                 };
+                if let Err(e) = self.send_buffered(&msg).await? {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
                 let key = self.deadlines.insert(id, timeout);
                 self.pending.insert(
                     id,
@@ -913,25 +1244,35 @@ impl Driver {
                         kind: PendingKind::Request(reply),
                         key,
                         timeout,
-                        is_inspect,
                     },
                 );
-                self.write(&msg).await
+                Ok(())
             }
             Command::Emit { iface, event, args } => {
                 if !self.handshake_done {
                     return Ok(());
                 }
-                let id = self.take_id();
-                self.write(&Message::Event {
+                let id = self.next_id();
+                let msg = Message::Event {
                     id,
                     iface,
                     event,
                     args: Value::Array(args),
-                })
-                .await
+                };
+                if let Err(e) = self.send_buffered(&msg).await? {
+                    tracing::warn!(conn = self.conn.id(), error = %e, "event dropped");
+                    self.emit_event(ConnectionEvent::Error {
+                        error: e.to_string(),
+                    });
+                }
+                Ok(())
             }
             Command::Reply { id, result } => {
+                // Callbacks are never buffered: one written to a dead transport is lost, and
+                // the peer learns that as CALLBACK_LOST on restore.
+                if !self.can_write() {
+                    return Ok(());
+                }
                 let result = match result {
                     Ok(v) => CallbackResult::Ok(vec![v]),
                     Err(e) => CallbackResult::Error(e),
@@ -939,11 +1280,10 @@ impl Driver {
                 self.write(&Message::Callback { id, result }).await
             }
             Command::Heartbeat(interval) => {
-                self.heartbeat = interval.map(|d| {
-                    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
-                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    i
-                });
+                self.conn.identity().heartbeat = interval;
+                self.heartbeat = interval
+                    .filter(|_| matches!(self.phase, Phase::Open))
+                    .map(heartbeat_interval);
                 Ok(())
             }
             Command::Flush(tx) => {
@@ -958,7 +1298,82 @@ impl Driver {
                 let _ = tx.send(n);
                 Ok(())
             }
+            Command::Adopt {
+                transport,
+                peer_received,
+            } => self.adopt(transport, peer_received).await,
             Command::Close => Ok(()),
+        }
+    }
+
+    /// Server: a new transport restores this connection's session.
+    async fn adopt(&mut self, transport: Transport, peer_received: u64) -> Result<(), Stop> {
+        if let Some(old) = self.link.take() {
+            // The client gave up on the old transport before we noticed.
+            let mut sink = old.sink;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+            });
+        }
+        self.conn.identity().info = Some(transport.info.clone());
+        self.link = Some(Link::new(transport));
+        self.timer = None;
+        self.restore_session(peer_received, true).await
+    }
+
+    /// Server: answers a restore with `ok:<received>`, then resends what the client missed.
+    async fn restore_session(&mut self, peer_received: u64, restored: bool) -> Result<(), Stop> {
+        let Some(session) = self.session.as_mut() else {
+            return Err(Stop::Gone(Some("no session to restore".into())));
+        };
+        let response = session.restored_response();
+        let plan = session.restore(peer_received);
+        let session_id = session.id().to_owned();
+        let state = session.encode();
+        self.phase = Phase::Open;
+        self.write(&response).await?;
+        for text in plan.resend {
+            self.write_text(text).await?;
+        }
+        self.fail_received_unanswered(peer_received);
+        if let Some(every) = self.heartbeat_setting() {
+            self.heartbeat = Some(heartbeat_interval(every));
+        }
+        self.emit_event(ConnectionEvent::Client { session_id });
+        self.ready_notified = true;
+        if let Some(h) = &self.hooks {
+            h.on_ready(&self.conn, restored, state);
+        }
+        Ok(())
+    }
+
+    fn heartbeat_setting(&self) -> Option<Duration> {
+        self.conn.identity().heartbeat
+    }
+
+    /// After a restore: every request of ours the peer received (`|id| <= peer_received`)
+    /// that is still unanswered lost its callback with the old transport, since callbacks are
+    /// never resent. That covers the session's lost ids, and also requests an out-of-order
+    /// callback confirmed early, which upstream leaves hanging.
+    fn fail_received_unanswered(&mut self, peer_received: u64) {
+        let lost: Vec<i64> = self
+            .pending
+            .keys()
+            .filter(|id| id.unsigned_abs() <= peer_received)
+            .copied()
+            .collect();
+        self.fail_lost(&lost);
+    }
+
+    /// Fails pending requests whose callbacks were lost with the old transport.
+    fn fail_lost(&mut self, ids: &[i64]) {
+        for id in ids {
+            if let Some(p) = self.pending.remove(id) {
+                self.deadlines.remove(&p.key);
+                if let PendingKind::Request(reply) = p.kind {
+                    let _ = reply.send(Err(Error::CallbackLost));
+                }
+            }
         }
     }
 
@@ -977,10 +1392,6 @@ impl Driver {
             message: preview,
             reason,
         });
-    }
-
-    fn note_received(&mut self, id: i64) {
-        self.received_count = id.unsigned_abs();
     }
 
     async fn on_text(
@@ -1006,6 +1417,9 @@ impl Driver {
                 return Ok(());
             }
         };
+        if let Some(session) = self.session.as_mut() {
+            session.on_receive(&msg);
+        }
         match msg {
             Message::Heartbeat => {
                 self.emit_event(ConnectionEvent::Heartbeat);
@@ -1033,13 +1447,19 @@ impl Driver {
                 }
                 self.server_handshake(app, version, auth).await
             }
-            Message::HandshakeResponse { result, .. } => {
-                if self.role == Role::Server || self.handshake_done {
-                    self.reject(&text, "unexpected handshake response");
-                    return Err(Stop::Gone(Some("unexpected handshake response".into())));
+            Message::HandshakeResponse { result, .. } => match (self.role, &self.phase) {
+                (Role::Client, Phase::Handshake) => {
+                    self.client_handshake_response(result, handshake_reply)
                 }
-                self.client_handshake_response(result, handshake_reply)
-            }
+                (Role::Client, Phase::Restoring { fresh }) => {
+                    let fresh = *fresh;
+                    self.client_restore_response(result, fresh).await
+                }
+                _ => {
+                    self.reject(&text, "unexpected handshake response");
+                    Err(Stop::Gone(Some("unexpected handshake response".into())))
+                }
+            },
             _ if !self.handshake_done => {
                 self.reject(&text, "message before handshake");
                 Err(Stop::Gone(Some("message before handshake".into())))
@@ -1050,12 +1470,10 @@ impl Driver {
                 method,
                 args,
             } => {
-                self.note_received(id);
                 let Value::Array(args) = args else {
                     self.reject(&text, "call arguments are not an array");
-                    let result = CallbackResult::Error(RemoteErrorArray::code(
-                        ErrorCode::InvalidSignature,
-                    ));
+                    let result =
+                        CallbackResult::Error(RemoteErrorArray::code(ErrorCode::InvalidSignature));
                     return self.write(&Message::Callback { id, result }).await;
                 };
                 if self.conn.shared.events.receiver_count() > 0 {
@@ -1104,23 +1522,21 @@ impl Driver {
                     CallbackResult::Error(e) => (Err(Error::Remote(e.clone())), Some(e)),
                     CallbackResult::Empty => {
                         self.reject(&text, "callback with neither ok nor error");
-                        (Err(Error::Protocol("callback with neither ok nor error".into())), None)
+                        (
+                            Err(Error::Protocol("callback with neither ok nor error".into())),
+                            None,
+                        )
                     }
                 };
                 self.emit_event(ConnectionEvent::Callback { id, error });
-                let _ = p.is_inspect;
                 if let PendingKind::Request(reply) = p.kind {
                     let _ = reply.send(res);
                 }
                 Ok(())
             }
             Message::Event {
-                id,
-                iface,
-                event,
-                args,
+                iface, event, args, ..
             } => {
-                self.note_received(id);
                 let Value::Array(args) = args else {
                     self.reject(&text, "event arguments are not an array");
                     return Ok(());
@@ -1132,20 +1548,18 @@ impl Driver {
                 Ok(())
             }
             Message::Inspect { id, iface } => {
-                self.note_received(id);
                 self.emit_event(ConnectionEvent::Inspect {
                     iface: iface.clone(),
                 });
                 let result = match self.app.as_ref().and_then(|a| a.methods(&iface)) {
                     Some(names) => CallbackResult::Ok(names.into_iter().map(Value::from).collect()),
-                    None => CallbackResult::Error(RemoteErrorArray::code(
-                        ErrorCode::InterfaceNotFound,
-                    )),
+                    None => {
+                        CallbackResult::Error(RemoteErrorArray::code(ErrorCode::InterfaceNotFound))
+                    }
                 };
                 self.write(&Message::Callback { id, result }).await
             }
             Message::Ping { id } => {
-                self.note_received(id);
                 self.emit_event(ConnectionEvent::Ping { id });
                 self.write(&Message::Pong { id }).await
             }
@@ -1178,17 +1592,19 @@ impl Driver {
         let Some(hooks) = self.hooks.clone() else {
             return Err(Stop::Gone(Some("no server hooks".into())));
         };
-        let decision = hooks
-            .handshake(self.conn.clone(), app, version, auth)
-            .await;
+        let decision = hooks.handshake(self.conn.clone(), app, version, auth).await;
         match decision {
-            Ok(accepted) => {
+            Ok(HandshakeDecision::New(accepted)) => {
+                let mut session = Session::new(
+                    accepted.session_id.clone(),
+                    SessionRole::Server,
+                    self.conn.shared.config.session,
+                );
+                session.set_username(accepted.username.clone());
                 // The response always goes first: nothing else may be written before it.
-                let response = Message::HandshakeResponse {
-                    id: 0,
-                    result: HandshakeResult::NewSession(accepted.session_id.clone()),
-                };
-                self.next_id = self.delta;
+                let response = session.created_response();
+                let state = session.encode();
+                self.session = Some(session);
                 self.app = Some(accepted.app.clone());
                 {
                     let mut id = self.conn.identity();
@@ -1198,6 +1614,8 @@ impl Driver {
                     id.app = Some(accepted.app);
                 }
                 self.handshake_done = true;
+                self.phase = Phase::Open;
+                self.timer = None;
                 self.write(&response).await?;
                 self.flush_out().await?;
                 if let Some(interval) = self.conn.shared.config.heartbeat_interval {
@@ -1207,8 +1625,59 @@ impl Driver {
                 self.emit_event(ConnectionEvent::Client {
                     session_id: accepted.session_id,
                 });
-                hooks.on_ready(&self.conn);
+                hooks.on_ready(&self.conn, false, state);
                 Ok(())
+            }
+            Ok(HandshakeDecision::Restore {
+                session,
+                app,
+                peer_received,
+            }) => {
+                {
+                    let mut id = self.conn.identity();
+                    id.handshake_done = true;
+                    id.username = session.username().map(str::to_owned);
+                    id.session_id = Some(session.id().to_owned());
+                    id.app = Some(app.clone());
+                    id.heartbeat = self.conn.shared.config.heartbeat_interval;
+                }
+                self.session = Some(session);
+                self.app = Some(app);
+                self.handshake_done = true;
+                self.timer = None;
+                self.restore_session(peer_received, true).await
+            }
+            Ok(HandshakeDecision::Adopt {
+                target,
+                peer_received,
+            }) => {
+                let Some(link) = self.link.take() else {
+                    return Err(Stop::Gone(None));
+                };
+                let Some(info) = self.conn.transport_info() else {
+                    return Err(Stop::Gone(None));
+                };
+                let transport = Transport {
+                    incoming: link.incoming,
+                    outgoing: link.sink,
+                    info,
+                };
+                let cmd = Command::Adopt {
+                    transport,
+                    peer_received,
+                };
+                match target.shared.cmd_tx.send(cmd).await {
+                    Ok(()) => Err(Stop::HandedOver),
+                    Err(mpsc::error::SendError(cmd)) => {
+                        // The session's connection ended meanwhile: the session is unknown.
+                        if let Command::Adopt { transport, .. } = cmd {
+                            self.link = Some(Link::new(transport));
+                        }
+                        self.write(&Session::unknown_session_response()).await?;
+                        self.flush_out().await?;
+                        Err(Stop::Graceful)
+                    }
+                }
             }
             Err(error) => {
                 let response = Message::HandshakeResponse {
@@ -1246,21 +1715,11 @@ impl Driver {
                     HandshakeResult::OtherOk(v) => v.to_mdsf(),
                     HandshakeResult::Error(_) => unreachable!("handled above"),
                 };
-                {
-                    let mut id = self.conn.identity();
-                    id.handshake_done = true;
-                    if let HandshakeResult::NewSession(s) = &ok {
-                        id.session_id = Some(s.clone());
-                    }
-                }
-                self.handshake_done = true;
-                self.next_id = self.delta;
-                if let Some(interval) = self.conn.shared.config.heartbeat_interval {
-                    let mut i =
-                        tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    self.heartbeat = Some(i);
-                }
+                let session_id = match &ok {
+                    HandshakeResult::NewSession(s) => Some(s.clone()),
+                    _ => None,
+                };
+                self.start_session(session_id);
                 self.emit_event(ConnectionEvent::Handshake {
                     error: None,
                     ok: Some(ok_text),
@@ -1273,16 +1732,117 @@ impl Driver {
         }
     }
 
+    /// Client: a session the server just created (`None`: the server sent no session id, so
+    /// nothing can be restored).
+    fn start_session(&mut self, session_id: Option<String>) {
+        let heartbeat = self.conn.shared.config.heartbeat_interval;
+        {
+            let mut id = self.conn.identity();
+            id.handshake_done = true;
+            id.session_id.clone_from(&session_id);
+            id.heartbeat = heartbeat;
+        }
+        self.session = Some(Session::new(
+            session_id.clone().unwrap_or_default(),
+            SessionRole::Client,
+            self.conn.shared.config.session,
+        ));
+        if session_id.is_none() {
+            // Without a session id there is nothing to restore.
+            self.reconnect = None;
+        }
+        self.handshake_done = true;
+        self.phase = Phase::Open;
+        self.timer = None;
+        self.failures = 0;
+        self.heartbeat = heartbeat.map(heartbeat_interval);
+    }
+
+    /// Client: the answer to a restore (or, after a refused restore, a new-session) handshake.
+    async fn client_restore_response(
+        &mut self,
+        result: HandshakeResult,
+        fresh: bool,
+    ) -> Result<(), Stop> {
+        match result {
+            HandshakeResult::Restored(n) if !fresh => {
+                let Some(session) = self.session.as_mut() else {
+                    return Err(Stop::Gone(None));
+                };
+                let plan = session.restore(n);
+                self.phase = Phase::Open;
+                self.timer = None;
+                self.failures = 0;
+                for text in plan.resend {
+                    self.write_text(text).await?;
+                }
+                self.fail_received_unanswered(n);
+                self.heartbeat = self.heartbeat_setting().map(heartbeat_interval);
+                self.emit_event(ConnectionEvent::Handshake {
+                    error: None,
+                    ok: Some(n.to_string()),
+                });
+                self.emit_event(ConnectionEvent::Reconnect { error: None });
+                Ok(())
+            }
+            HandshakeResult::Error(e) if !fresh => {
+                self.emit_event(ConnectionEvent::Handshake {
+                    error: Some(e.clone()),
+                    ok: None,
+                });
+                let fallback = self
+                    .reconnect
+                    .as_ref()
+                    .is_some_and(|r| r.fallback_to_new_session);
+                if fallback && e.code == ErrorCode::AuthFailed.code() {
+                    // The server no longer knows the session (and closes this transport, as
+                    // after every refused handshake): start a new one on the next transport.
+                    // Upstream would retry the old session forever.
+                    self.new_session_next = true;
+                }
+                Err(Stop::LinkLost(Some(format!(
+                    "session restore refused: {e}"
+                ))))
+            }
+            HandshakeResult::NewSession(id) => {
+                self.new_session_next = false;
+                // A new session: whatever the old one had in flight may or may not have run.
+                let old = self.session.as_mut().map(Session::take_buffered);
+                for m in old.into_iter().flatten() {
+                    self.fail_lost(&[m.id]);
+                }
+                self.start_session(Some(id.clone()));
+                self.emit_event(ConnectionEvent::Handshake {
+                    error: None,
+                    ok: Some(id),
+                });
+                self.emit_event(ConnectionEvent::Reconnect { error: None });
+                Ok(())
+            }
+            other => {
+                let e = format!("unexpected answer to the restore handshake: {other:?}");
+                Err(Stop::LinkLost(Some(e)))
+            }
+        }
+    }
+
     async fn shutdown(mut self, stop: Stop, handshake_reply: Option<HandshakeReply>) {
-        if let Stop::Gone(Some(reason)) = &stop {
-            tracing::debug!(conn = self.conn.id(), %reason, "connection lost");
+        let handed_over = matches!(stop, Stop::HandedOver);
+        if let Stop::Gone(Some(reason)) | Stop::LinkLost(Some(reason)) = &stop {
+            tracing::debug!(conn = self.conn.id(), %reason, "connection closed");
             if let Some(h) = &self.hooks {
                 h.on_error(&self.conn, reason);
             }
         }
-        // Orderly close on our side; on a lost transport this fails harmlessly.
-        let _ = self.flush_out().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.sink.close()).await;
+        if !handed_over {
+            // Orderly close on our side; on a lost transport this fails harmlessly.
+            let _ = self.flush_out().await;
+            if let Some(link) = self.link.as_mut() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), link.sink.close()).await;
+            }
+        }
+        self.link = None;
+        self.connecting = None;
         self.cmd_rx.close();
         // Every pending request ends here.
         if let Some(reply) = handshake_reply {
@@ -1301,13 +1861,23 @@ impl Driver {
                 Command::Flush(tx) => {
                     let _ = tx.send(0);
                 }
+                Command::Adopt { transport, .. } => {
+                    // Too late to restore here; end that transport too.
+                    let mut sink = transport.outgoing;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+                }
                 _ => {}
             }
         }
         self.conn.identity().closed = true;
         self.emit_event(ConnectionEvent::Close);
         if let Some(h) = &self.hooks {
-            h.on_close(&self.conn, self.ready_notified);
+            let state = if handed_over {
+                None
+            } else {
+                self.session.as_ref().map(Session::encode)
+            };
+            h.on_close(&self.conn, self.ready_notified, state).await;
         }
         let _ = self.closed_tx.send(true);
     }

@@ -47,6 +47,9 @@ pub enum Error {
     /// The connection's outgoing queue is full.
     #[error("outgoing queue is full")]
     QueueFull,
+    /// The session's resend buffer is full (see [`crate::ConnectionConfig::session`]).
+    #[error(transparent)]
+    Session(#[from] tether_wire::SessionError),
     /// Invalid configuration or arguments.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

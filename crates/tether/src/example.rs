@@ -49,7 +49,11 @@ pub fn test_app(chat: ChatHub) -> Application {
                     }
                     let q = dividend / divisor.as_f64().unwrap_or(f64::NAN);
                     // JS would send NaN here; a Node peer can't parse it, so send null.
-                    Ok(if q.is_finite() { Value::from(q) } else { Value::Null })
+                    Ok(if q.is_finite() {
+                        Value::from(q)
+                    } else {
+                        Value::Null
+                    })
                 })
                 .method("doNothing", |_c, _a| async { Ok(Value::Undefined) }),
         )

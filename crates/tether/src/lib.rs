@@ -39,12 +39,16 @@ pub mod connection;
 pub mod error;
 pub mod example;
 pub mod memory;
+pub mod reconnect;
 pub mod server;
 pub mod store;
+pub mod testing;
 pub mod transport;
 
 pub use app::{AppRegistry, Application, Interface, MethodResult};
-pub use client::{connect, connect_and_inspect, connect_endpoint, connect_transport, ClientOptions};
+pub use client::{
+    connect, connect_and_inspect, connect_endpoint, connect_transport, ClientOptions,
+};
 pub use connection::{Connection, ConnectionConfig, ConnectionEvent, RemoteProxy, Role};
 pub use error::{Error, RemoteError};
 pub use server::{AuthPolicy, AuthRequest, LoginPolicy, Server, ServerBuilder, ServerEvent};

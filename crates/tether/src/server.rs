@@ -15,15 +15,18 @@
 //! ```
 
 use crate::app::{AppRegistry, Application};
-use crate::connection::{self, Accepted, Connection, ConnectionConfig, ServerHooks};
+use crate::connection::{
+    self, Accepted, Connection, ConnectionConfig, HandshakeDecision, ServerHooks,
+};
 use crate::error::{Error, RemoteError};
+use crate::store::{MemoryStore, SessionStore};
 use crate::transport::{Endpoint, Listener, ListenerOptions, Transport};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tether_wire::{Auth, ErrorCode, Value};
+use tether_wire::{Auth, ErrorCode, Session, Value};
 use tokio::sync::{broadcast, watch};
 
 /// What an auth policy is asked to decide.
@@ -45,7 +48,8 @@ pub struct AuthRequest {
 /// Any `Fn(AuthRequest) -> impl Future<Output = Result<String, RemoteError>>` is a policy.
 pub trait AuthPolicy: Send + Sync + 'static {
     /// Authenticates one handshake.
-    fn authenticate(&self, request: AuthRequest) -> BoxFuture<'static, Result<String, RemoteError>>;
+    fn authenticate(&self, request: AuthRequest)
+        -> BoxFuture<'static, Result<String, RemoteError>>;
 }
 
 impl<F, Fut> AuthPolicy for F
@@ -53,7 +57,10 @@ where
     F: Fn(AuthRequest) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<String, RemoteError>> + Send + 'static,
 {
-    fn authenticate(&self, request: AuthRequest) -> BoxFuture<'static, Result<String, RemoteError>> {
+    fn authenticate(
+        &self,
+        request: AuthRequest,
+    ) -> BoxFuture<'static, Result<String, RemoteError>> {
         Box::pin(self(request))
     }
 }
@@ -78,7 +85,10 @@ impl LoginPolicy {
 }
 
 impl AuthPolicy for LoginPolicy {
-    fn authenticate(&self, request: AuthRequest) -> BoxFuture<'static, Result<String, RemoteError>> {
+    fn authenticate(
+        &self,
+        request: AuthRequest,
+    ) -> BoxFuture<'static, Result<String, RemoteError>> {
         let result = (|| {
             if request.strategy != "login" {
                 return None;
@@ -105,8 +115,13 @@ impl AuthPolicy for LoginPolicy {
 pub enum ServerEvent {
     /// A client completed a handshake with a new session.
     Connect(Connection),
-    /// A handshaken client's connection closed.
+    /// A handshaken client's transport closed (its session may still be restored).
     Disconnect(Connection),
+    /// A client restored its session on a new transport (upstream's `reconnect`).
+    Reconnect(Connection),
+    /// A session was restored, from the live cache or from the session store (upstream's
+    /// `restoreSession`); follows [`ServerEvent::Reconnect`].
+    RestoreSession(Connection),
     /// A handshake request arrived.
     HandshakeRequest {
         /// The connection.
@@ -136,6 +151,8 @@ pub struct ServerBuilder {
     connection: ConnectionConfig,
     listener: ListenerOptions,
     event_capacity: usize,
+    store: Option<Arc<dyn SessionStore>>,
+    client_expiration: Duration,
 }
 
 impl Default for ServerBuilder {
@@ -148,6 +165,8 @@ impl Default for ServerBuilder {
             connection: ConnectionConfig::default(),
             listener: ListenerOptions::default(),
             event_capacity: 1024,
+            store: None,
+            client_expiration: Duration::from_secs(3600),
         }
     }
 }
@@ -191,6 +210,22 @@ impl ServerBuilder {
         self
     }
 
+    /// Where sessions go when their clients disconnect. Default a [`MemoryStore`] (24 h
+    /// inactive lifetime); a [`crate::store::RedbStore`] survives restarts, a
+    /// [`crate::store::RedisStore`] is shared between server processes.
+    pub fn session_store(mut self, store: Arc<dyn SessionStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How long a disconnected client's connection waits in memory for the client to restore
+    /// its session (pending requests and buffered messages included) before it closes and
+    /// the session lives on only in the store. Default 1 h, as upstream.
+    pub fn client_expiration_time(mut self, time: Duration) -> Self {
+        self.client_expiration = time;
+        self
+    }
+
     /// Settings for listeners (TLS, message size limit).
     pub fn listener_options(mut self, options: ListenerOptions) -> Self {
         self.listener = options;
@@ -213,6 +248,9 @@ impl ServerBuilder {
                 listener: self.listener,
                 clients: Mutex::new(HashMap::new()),
                 all: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(HashMap::new()),
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                client_expiration: self.client_expiration,
                 events,
                 shutdown: shutdown_tx,
             }),
@@ -230,6 +268,10 @@ struct Inner {
     clients: Mutex<HashMap<u64, Connection>>,
     /// Every open connection, handshaken or not (for shutdown).
     all: Mutex<HashMap<u64, Connection>>,
+    /// Connections by session id, attached or detached, until they close for good.
+    sessions: Mutex<HashMap<String, Connection>>,
+    store: Arc<dyn SessionStore>,
+    client_expiration: Duration,
     events: broadcast::Sender<ServerEvent>,
     shutdown: watch::Sender<bool>,
 }
@@ -269,7 +311,7 @@ impl ServerHooks for Hooks {
         app: String,
         version: Option<String>,
         auth: Auth,
-    ) -> BoxFuture<'static, Result<Accepted, RemoteError>> {
+    ) -> BoxFuture<'static, Result<HandshakeDecision, RemoteError>> {
         let inner = self.0.clone();
         Box::pin(async move {
             inner.emit(ServerEvent::HandshakeRequest {
@@ -287,8 +329,9 @@ impl ServerHooks for Hooks {
             };
             let username = match auth {
                 Auth::Anonymous => None,
-                // Sessions are restored by the session layer; without one, no session is known.
-                Auth::Session { .. } => return Err(RemoteError::code(ErrorCode::AuthFailed)),
+                Auth::Session { id, received } => {
+                    return restore_decision(&inner, id, received, application).await
+                }
                 Auth::Login { user, password } => {
                     let creds = Value::Array(vec![user.into(), password.into()]);
                     Some(authenticate(&inner, conn, &application, "login", creds).await?)
@@ -298,25 +341,84 @@ impl ServerHooks for Hooks {
                     credentials,
                 } => Some(authenticate(&inner, conn, &application, &strategy, credentials).await?),
             };
-            Ok(Accepted {
+            Ok(HandshakeDecision::New(Accepted {
                 app: application,
                 username,
                 session_id: uuid::Uuid::new_v4().to_string(),
-            })
+            }))
         })
     }
 
-    fn on_ready(&self, conn: &Connection) {
+    fn on_ready(&self, conn: &Connection, restored: bool, session: String) {
         lock(&self.0.clients).insert(conn.id(), conn.clone());
-        self.0.emit(ServerEvent::Connect(conn.clone()));
+        if let Some(id) = conn.session_id() {
+            lock(&self.0.sessions).insert(id.clone(), conn.clone());
+            // Write-through, so the store knows the session even if this process dies.
+            let store = self.0.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.set(&id, session).await {
+                    tracing::warn!(error = %e, "session store write failed");
+                }
+            });
+        }
+        if restored {
+            self.0.emit(ServerEvent::Reconnect(conn.clone()));
+            self.0.emit(ServerEvent::RestoreSession(conn.clone()));
+        } else {
+            self.0.emit(ServerEvent::Connect(conn.clone()));
+        }
     }
 
-    fn on_close(&self, conn: &Connection, was_ready: bool) {
-        lock(&self.0.all).remove(&conn.id());
-        if was_ready {
-            lock(&self.0.clients).remove(&conn.id());
+    fn on_detach(&self, conn: &Connection, session: String) {
+        if lock(&self.0.clients).remove(&conn.id()).is_some() {
             self.0.emit(ServerEvent::Disconnect(conn.clone()));
         }
+        if let Some(id) = conn.session_id() {
+            let store = self.0.store.clone();
+            tokio::spawn(async move {
+                let saved = async {
+                    store.set(&id, session).await?;
+                    store.set_inactive(&id).await
+                };
+                if let Err(e) = saved.await {
+                    tracing::warn!(error = %e, "session store write failed");
+                }
+            });
+        }
+    }
+
+    fn on_close(
+        &self,
+        conn: &Connection,
+        was_ready: bool,
+        session: Option<String>,
+    ) -> BoxFuture<'static, ()> {
+        let inner = self.0.clone();
+        let conn = conn.clone();
+        Box::pin(async move {
+            lock(&inner.all).remove(&conn.id());
+            if was_ready && lock(&inner.clients).remove(&conn.id()).is_some() {
+                inner.emit(ServerEvent::Disconnect(conn.clone()));
+            }
+            let Some(id) = conn.session_id() else {
+                return;
+            };
+            if let Some(state) = session {
+                // The store has the session before the live cache forgets it, so a client
+                // reconnecting right now finds it in one or the other.
+                let saved = async {
+                    inner.store.set(&id, state).await?;
+                    inner.store.set_inactive(&id).await
+                };
+                if let Err(e) = saved.await {
+                    tracing::warn!(error = %e, "session store write failed");
+                }
+            }
+            let mut sessions = lock(&inner.sessions);
+            if sessions.get(&id).is_some_and(|c| c.id() == conn.id()) {
+                sessions.remove(&id);
+            }
+        })
     }
 
     fn on_handshake_timeout(&self, conn: &Connection) {
@@ -328,6 +430,51 @@ impl ServerHooks for Hooks {
             connection: Some(conn.clone()),
             error: error.to_owned(),
         });
+    }
+}
+
+/// A `session` handshake: the live connection that holds the session, or the session from the
+/// store, or `[11]` as upstream when neither knows it.
+async fn restore_decision(
+    inner: &Inner,
+    id: String,
+    peer_received: u64,
+    app: Arc<Application>,
+) -> Result<HandshakeDecision, RemoteError> {
+    let live = lock(&inner.sessions)
+        .get(&id)
+        .filter(|c| !c.is_closed())
+        .cloned();
+    if let Some(target) = live {
+        return Ok(HandshakeDecision::Adopt {
+            target,
+            peer_received,
+        });
+    }
+    let unknown = || RemoteError::code(ErrorCode::AuthFailed);
+    let text = match inner.store.get(&id).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return Err(unknown()),
+        Err(e) => {
+            tracing::warn!(error = %e, "session store read failed");
+            return Err(unknown());
+        }
+    };
+    match Session::decode(&text, inner.connection.session) {
+        Ok(session)
+            if session.role() == tether_wire::session::Role::Server && session.id() == id =>
+        {
+            Ok(HandshakeDecision::Restore {
+                session,
+                app,
+                peer_received,
+            })
+        }
+        Ok(_) => Err(unknown()),
+        Err(e) => {
+            tracing::warn!(error = %e, "stored session is invalid");
+            Err(unknown())
+        }
     }
 }
 
@@ -373,6 +520,7 @@ impl Server {
             self.inner.connection.clone(),
             Arc::new(Hooks(self.inner.clone())),
             self.inner.handshake_timeout,
+            self.inner.client_expiration,
         );
         lock(&self.inner.all).insert(conn.id(), conn.clone());
         if *self.inner.shutdown.borrow() {

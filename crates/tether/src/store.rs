@@ -98,7 +98,10 @@ struct Entry {
 impl Entry {
     /// `<inactive_since or empty>\n<value>`: the format both local stores write.
     fn encode(&self) -> String {
-        let since = self.inactive_since.map(|t| t.to_string()).unwrap_or_default();
+        let since = self
+            .inactive_since
+            .map(|t| t.to_string())
+            .unwrap_or_default();
         format!("{since}\n{}", self.value)
     }
 
@@ -560,9 +563,8 @@ mod tests {
         let store = RedbStore::open(&path).unwrap();
         store.set_inactive("s2").await.unwrap();
         drop(store);
-        let store =
-            RedbStore::open_with_lifetime(&path, Duration::ZERO, Duration::from_secs(3600))
-                .unwrap();
+        let store = RedbStore::open_with_lifetime(&path, Duration::ZERO, Duration::from_secs(3600))
+            .unwrap();
         assert_eq!(store.get("s2").await.unwrap(), None);
         assert_eq!(store.get("s1").await.unwrap().as_deref(), Some("one"));
     }

@@ -122,7 +122,8 @@ async fn wire_bytes_match_upstream() {
     r.send("{ping:[6]}").await;
     assert_eq!(r.recv().await.unwrap(), "{pong:[6]}");
     r.send("{}").await; // legacy heartbeat: ignored
-    r.send("{call:[7,'someService'],say:['it\\'s \"q\"']}").await;
+    r.send("{call:[7,'someService'],say:['it\\'s \"q\"']}")
+        .await;
     assert_eq!(
         r.recv().await.unwrap(),
         "{callback:[7],ok:['it\\'s \\\"q\\\"']}"
@@ -183,7 +184,8 @@ async fn login_and_handshake_errors() {
 
     // Refusals go out as one message followed by a close.
     let mut r = raw(&server);
-    r.send("{handshake:[0,'testApp'],login:['login','bad']}").await;
+    r.send("{handshake:[0,'testApp'],login:['login','bad']}")
+        .await;
     assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[11]}");
     assert_eq!(r.recv().await, None);
     let mut r = raw(&server);
@@ -208,7 +210,10 @@ async fn custom_auth_policy_errors_pass_through() {
         .unwrap();
     let mut r = raw(&server);
     r.send("{handshake:[0,'app'],token:'locked'}").await;
-    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[42,'Locked']}");
+    assert_eq!(
+        r.recv().await.unwrap(),
+        "{handshake:[0],error:[42,'Locked']}"
+    );
     let mut r = raw(&server);
     r.send("{handshake:[0,'app'],token:'bad'}").await;
     assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[11]}");
@@ -249,7 +254,10 @@ async fn version_ranges_resolve_like_upstream() {
     ] {
         let (a, b) = memory::pair(8);
         server.serve_transport(a);
-        match (connect_transport(b, spec, ClientOptions::default()).await, expected) {
+        match (
+            connect_transport(b, spec, ClientOptions::default()).await,
+            expected,
+        ) {
             (Ok(conn), Some(ver)) => assert_eq!(
                 conn.call("version", "get", vec![]).await.unwrap(),
                 vec![Value::from(ver)],
@@ -268,7 +276,10 @@ async fn inspect_and_proxies() {
     let proxy = conn.inspect("calculator").await.unwrap();
     assert_eq!(proxy.methods(), ["answer", "divide", "doNothing"]);
     assert_eq!(
-        proxy.call("divide", vec![9.into(), 3.into()]).await.unwrap(),
+        proxy
+            .call("divide", vec![9.into(), 3.into()])
+            .await
+            .unwrap(),
         vec![Value::from(3)]
     );
     assert_eq!(
@@ -300,7 +311,10 @@ async fn events_both_ways_and_broadcast() {
         );
     }
     // Client → server event reaches the handler with the right connection.
-    clients[0].emit("chat", "typing", vec![true.into()]).await.unwrap();
+    clients[0]
+        .emit("chat", "typing", vec![true.into()])
+        .await
+        .unwrap();
     let (conn_id, args) = seen_rx.recv().await.unwrap();
     assert_eq!(args, vec![Value::from(true)]);
     assert!(server.clients().iter().any(|c| c.id() == conn_id));
@@ -571,7 +585,9 @@ async fn ping_and_heartbeat() {
         }
     }
     // A client heartbeat gets pongs back.
-    conn.start_heartbeat(Duration::from_millis(10)).await.unwrap();
+    conn.start_heartbeat(Duration::from_millis(10))
+        .await
+        .unwrap();
     let mut pongs = 0;
     while pongs < 2 {
         if let ConnectionEvent::Pong { .. } = events.recv().await.unwrap() {
