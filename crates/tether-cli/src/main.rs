@@ -95,6 +95,19 @@ struct ServeArgs {
     /// Close connections that have not completed a handshake within this time (milliseconds).
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     handshake_timeout: u64,
+    /// Where sessions of disconnected clients are kept: `memory` (default), a file path for
+    /// an embedded database that survives restarts, or `redis://HOST:PORT` to share sessions
+    /// between several `tether serve` processes.
+    #[arg(
+        long,
+        value_name = "memory|PATH|redis://HOST:PORT",
+        default_value = "memory"
+    )]
+    store: String,
+    /// How long a disconnected client's session stays live in memory (milliseconds) before
+    /// it lives on only in the store.
+    #[arg(long, value_name = "MS", default_value_t = 3_600_000)]
+    client_expiration: u64,
     /// Largest message accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = tether_wire::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
@@ -301,9 +314,14 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         listener = listener.with_tls(tls);
     }
 
+    let store = tether::store::open(&args.store)
+        .await
+        .map_err(|e| Failure::Usage(format!("--store {}: {e}", args.store)))?;
     let chat = ChatHub::new();
     let mut builder = Server::builder()
         .application(test_app(chat.clone()))
+        .session_store(store)
+        .client_expiration_time(Duration::from_millis(args.client_expiration))
         .handshake_timeout(Duration::from_millis(args.handshake_timeout))
         .listener_options(listener);
     if let Some(ms) = args.heartbeat {
