@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Length of the string argument each call carries.
     #[arg(long, default_value_t = 16)]
     payload: usize,
+    /// How many times to cut the link for the reconnect-and-restore measurement.
+    #[arg(long, default_value_t = 100)]
+    restores: usize,
 }
 
 /// Runs every case and prints one JSON line per case.
@@ -63,7 +66,82 @@ pub async fn run(args: BenchArgs) -> Result<(), Error> {
         .await?;
         report(name, &args, rate, Some(rate / raw));
     }
+    restore_times(&server, args.restores).await?;
     server.shutdown().await;
+    Ok(())
+}
+
+/// Median and 99th percentile of a list of durations, in microseconds.
+fn percentiles(mut samples: Vec<Duration>) -> (u128, u128) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(i).map_or(0, |d| d.as_micros())
+    };
+    (at(0.5), at(0.99))
+}
+
+/// Reconnect-and-restore time: the link is cut under a live client (through a loopback proxy)
+/// and timed until the session is restored, beside a fresh connect-and-handshake measured the
+/// same way in the same run.
+async fn restore_times(server: &Server, restores: usize) -> Result<(), Error> {
+    use tether::reconnect::Backoff;
+    use tether::testing::CutProxy;
+    if restores == 0 {
+        return Ok(());
+    }
+    let io = |e: std::io::Error| Error::Transport(tether::TransportError::Io(e));
+    let addr = server.listen("jstp://127.0.0.1:0".parse()?).await?;
+    let target = addr
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("{addr}: {e}")))?;
+    let proxy = CutProxy::start(target).await.map_err(io)?;
+    let url = format!("jstp://{}", proxy.local_addr());
+
+    let mut fresh = Vec::with_capacity(restores);
+    for _ in 0..restores {
+        let start = Instant::now();
+        let conn = connect(&url, "bench", ClientOptions::default()).await?;
+        fresh.push(start.elapsed());
+        conn.close().await;
+    }
+
+    let options =
+        ClientOptions::default().reconnector(Backoff::fixed_range(Duration::ZERO, Duration::ZERO));
+    let conn = connect(&url, "bench", options).await?;
+    let mut events = conn.events();
+    let mut restored = Vec::with_capacity(restores);
+    for _ in 0..restores {
+        proxy.wait_for_links(1).await;
+        let start = Instant::now();
+        proxy.cut();
+        loop {
+            match events.recv().await {
+                Ok(tether::ConnectionEvent::Reconnect { error: None }) => break,
+                Ok(tether::ConnectionEvent::Close) | Err(_) => return Err(Error::Closed),
+                Ok(_) => {}
+            }
+        }
+        restored.push(start.elapsed());
+        // A round trip on the restored session, so each sample ends with a working link.
+        conn.call("echo", "echo", vec![Value::from(1)]).await?;
+    }
+    conn.close().await;
+
+    let (fresh_p50, fresh_p99) = percentiles(fresh);
+    let (p50, p99) = percentiles(restored);
+    println!(
+        "{}",
+        json!({
+            "bench": "reconnect_restore",
+            "samples": restores,
+            "p50_us": p50,
+            "p99_us": p99,
+            "fresh_connect_p50_us": fresh_p50,
+            "fresh_connect_p99_us": fresh_p99,
+            "ratio_to_fresh_connect": ((p50 as f64 / fresh_p50.max(1) as f64) * 1000.0).round() / 1000.0,
+        })
+    );
     Ok(())
 }
 

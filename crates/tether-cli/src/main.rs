@@ -347,6 +347,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         }
     });
 
+    let stop = StopSignals::install()
+        .map_err(|e| Failure::Runtime(Error::Transport(tether::TransportError::Io(e))))?;
     let mut ready = serde_json::Map::new();
     ready.insert("ready".into(), json!(true));
     for (kind, endpoint) in endpoints {
@@ -361,7 +363,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
     println!("{}", serde_json::Value::Object(ready));
 
-    wait_for_stop().await;
+    stop.wait().await;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
@@ -399,24 +401,40 @@ fn log_server_event(event: &ServerEvent) {
     }
 }
 
-/// Ctrl-C, or SIGTERM on Unix.
-async fn wait_for_stop() {
+/// Ctrl-C, or SIGTERM on Unix. Created before the ready line is printed, so a signal sent
+/// right after it is never missed.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async {
-                match term.as_mut() {
-                    Some(t) => { t.recv().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {}
+    signals: Vec<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignals {
+                signals: vec![
+                    signal(SignalKind::interrupt())?,
+                    signal(SignalKind::terminate())?,
+                ],
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(StopSignals {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        {
+            let waits = self.signals.iter_mut().map(|s| Box::pin(s.recv()));
+            futures::future::select_all(waits).await;
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -1056,27 +1056,7 @@ impl Driver {
                 }
                 Err(Stop::Gone(Some("handshake timeout".into())))
             }
-            Phase::Waiting { endpoint } => {
-                self.emit_event(ConnectionEvent::ReconnectAttempt {
-                    transport: endpoint.to_string(),
-                });
-                let Some(rc) = self.reconnect.as_mut() else {
-                    return Err(Stop::Gone(None));
-                };
-                rc.endpoint.clone_from(&endpoint);
-                let config = rc.transport.clone();
-                let timeout = rc.handshake_timeout;
-                self.connecting = Some(Box::pin(async move {
-                    match tokio::time::timeout(timeout, transport::connect(&endpoint, &config))
-                        .await
-                    {
-                        Ok(r) => r.map_err(Error::from),
-                        Err(_) => Err(Error::Timeout(timeout)),
-                    }
-                }));
-                self.phase = Phase::Connecting;
-                Ok(())
-            }
+            Phase::Waiting { endpoint } => self.start_attempt(endpoint),
             Phase::Restoring { .. } => {
                 self.phase = Phase::Restoring { fresh: false };
                 Err(Stop::LinkLost(Some(
@@ -1135,6 +1115,11 @@ impl Driver {
                     return Err(Stop::Gone(reason));
                 };
                 self.connecting = None;
+                if attempt.delay.is_zero() {
+                    // No timer: its millisecond granularity would dominate a fast restore.
+                    self.timer = None;
+                    return self.start_attempt(attempt.endpoint);
+                }
                 self.phase = Phase::Waiting {
                     endpoint: attempt.endpoint,
                 };
@@ -1150,6 +1135,27 @@ impl Driver {
                 Ok(())
             }
         }
+    }
+
+    /// Client: starts connecting to `endpoint` for a reconnect.
+    fn start_attempt(&mut self, endpoint: Endpoint) -> Result<(), Stop> {
+        self.emit_event(ConnectionEvent::ReconnectAttempt {
+            transport: endpoint.to_string(),
+        });
+        let Some(rc) = self.reconnect.as_mut() else {
+            return Err(Stop::Gone(None));
+        };
+        rc.endpoint.clone_from(&endpoint);
+        let config = rc.transport.clone();
+        let timeout = rc.handshake_timeout;
+        self.connecting = Some(Box::pin(async move {
+            match tokio::time::timeout(timeout, transport::connect(&endpoint, &config)).await {
+                Ok(r) => r.map_err(Error::from),
+                Err(_) => Err(Error::Timeout(timeout)),
+            }
+        }));
+        self.phase = Phase::Connecting;
+        Ok(())
     }
 
     /// Client: a reconnect attempt finished connecting (or failed to).
