@@ -497,7 +497,7 @@ async fn chaos_cuts_lose_and_duplicate_nothing() {
         (0..EVENTS).collect::<Vec<_>>(),
         "events lost or duplicated"
     );
-    let lost = lost.lock().unwrap();
+    let lost = lost.lock().unwrap().clone();
     let mut runs: HashMap<i64, u32> = HashMap::new();
     for k in &s.seen.lock().unwrap().adds {
         *runs.entry(*k).or_default() += 1;
