@@ -152,7 +152,7 @@ async fn two_nodes_share_sessions_through_redis() {
         .call("chat", "send", vec!["over redis".into()])
         .await
         .unwrap();
-    assert_eq!(sent, vec![Value::from(1)]);
+    assert_eq!(sent, Vec::<Value>::new());
     loop {
         if let ConnectionEvent::Event { event, args, .. } = events.recv().await.unwrap() {
             assert_eq!(event, "message");

@@ -140,6 +140,13 @@ impl Application {
         Application::new("jstp", "1.0.0").expect("valid constant")
     }
 
+    /// The same interfaces under another version (to offer several versions of one API).
+    pub fn with_version(mut self, version: &str) -> Result<Self, Error> {
+        self.version =
+            Version::parse(version).map_err(|_| Error::InvalidVersion(version.to_owned()))?;
+        Ok(self)
+    }
+
     /// Adds (or replaces) an interface.
     pub fn interface(mut self, name: impl Into<String>, iface: Interface) -> Self {
         self.interfaces.insert(name.into(), iface);

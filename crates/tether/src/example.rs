@@ -12,7 +12,9 @@
 //! | `someService` | `say(w)` | `w` |
 //! | `someOtherService` | `method(x)` | `x` |
 //! | `someOtherService` | `otherMethod()` | no result |
-//! | `chat` | `send(text)` | broadcasts event `chat.message(username or null, text)` to every client |
+//! | `chat` | `send(text)` | broadcasts event `chat.message(username or null, text)` to every client; no result |
+//!
+//! An incoming event `chat.send(text)` broadcasts the same way.
 //!
 //! The divide error carries the text a Node `Error` stringifies to (`'Error: Zero division'`),
 //! because that is what upstream's fixture puts on the wire.
@@ -77,15 +79,24 @@ pub fn test_app(chat: ChatHub) -> Application {
         )
         .interface(
             "chat",
-            Interface::new().method("send", move |conn, a| {
-                let chat = chat.clone();
-                async move {
-                    let text = arg(&a, 0);
-                    let user = conn.username().map_or(Value::Null, Value::from);
-                    let n = chat.broadcast("chat", "message", vec![user, text]);
-                    Ok(Value::from(n))
-                }
-            }),
+            Interface::new()
+                .on_event("send", {
+                    let chat = chat.clone();
+                    move |conn, a| {
+                        let user = conn.username().map_or(Value::Null, Value::from);
+                        chat.broadcast("chat", "message", vec![user, arg(&a, 0)]);
+                    }
+                })
+                .method("send", move |conn, a| {
+                    let chat = chat.clone();
+                    async move {
+                        let text = arg(&a, 0);
+                        let user = conn.username().map_or(Value::Null, Value::from);
+                        chat.broadcast("chat", "message", vec![user, text]);
+                        // No result, as upstream peers' chat.send.
+                        Ok(Value::Undefined)
+                    }
+                }),
         )
 }
 

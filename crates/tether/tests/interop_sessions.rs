@@ -5,77 +5,14 @@
 //!
 //! Needs `npm ci --ignore-scripts` in interop/ (`.ci/run` does it).
 
-use serde_json::Value as Json;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+mod common;
+
+use common::{certs, node_server, scenario, url, KINDS};
 use std::time::Duration;
 use tether::example::{test_app, ChatHub};
 use tether::reconnect::Backoff;
 use tether::transport::{server_config, ListenerOptions};
 use tether::{connect, ClientOptions, ConnectionEvent, Server, Value};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
-
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop")
-}
-
-fn node_peer(args: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let dir = interop_dir();
-    assert!(
-        dir.join("node_modules/@metarhia/jstp").exists(),
-        "interop/node_modules is missing: run `npm ci --ignore-scripts` in interop/"
-    );
-    let mut child = Command::new("node")
-        .arg(dir.join("jstp-peer.js"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is not installed");
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    (child, lines)
-}
-
-async fn next_json(lines: &mut Lines<BufReader<ChildStdout>>) -> Option<Json> {
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the node peer went silent")
-        .unwrap()?;
-    Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
-}
-
-/// A throwaway certificate for the TLS and WSS listeners.
-struct Certs {
-    dir: tempfile::TempDir,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn certs() -> Certs {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-    Certs { dir, cert, key }
-}
-
-const KINDS: [&str; 5] = ["tcp", "tls", "unix", "ws", "wss"];
-
-fn url(kind: &str, addr: &str) -> String {
-    match kind {
-        "tcp" => format!("jstp://{addr}"),
-        "tls" => format!("jstps://{addr}"),
-        "unix" => format!("unix:{addr}"),
-        "ws" => format!("ws://{addr}"),
-        "wss" => format!("wss://{addr}"),
-        _ => unreachable!(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn their_client_restores_its_session_on_our_server() {
@@ -100,16 +37,8 @@ async fn their_client_restores_its_session_on_our_server() {
     }
     let mut events = server.events();
     for (kind, url) in urls {
-        let (_node, mut lines) = node_peer(&["client", &url, "restore", "--strict"]);
-        let mut steps = Vec::new();
-        while let Some(line) = next_json(&mut lines).await {
-            if line.get("done").is_some() || line.get("fatal").is_some() {
-                assert_eq!(line["done"], true, "{kind}: {line}");
-                break;
-            }
-            assert_ne!(line["pass"], false, "{kind}: {line}");
-            steps.push(line["step"].as_str().unwrap_or_default().to_owned());
-        }
+        let steps = scenario(&url, "restore", &["--strict"]);
+        let steps: Vec<String> = steps.await.iter().map(|s| s["step"].to_string()).collect();
         for step in [
             "answer",
             "drop",
@@ -118,10 +47,8 @@ async fn their_client_restores_its_session_on_our_server() {
             "answerAfter",
             "sameSession",
         ] {
-            assert!(
-                steps.iter().any(|s| s == step),
-                "{kind}: no {step} in {steps:?}"
-            );
+            let quoted = format!("\"{step}\"");
+            assert!(steps.contains(&quoted), "{kind}: no {step} in {steps:?}");
         }
         // Our server saw the restore.
         loop {
@@ -137,42 +64,14 @@ async fn their_client_restores_its_session_on_our_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_client_restores_its_session_on_their_server() {
     let certs = certs();
-    let sock = certs.dir.path().join("peer.sock");
-    let (_node, mut lines) = node_peer(&[
-        "server",
-        "--tcp",
-        "0",
-        "--tls",
-        "0",
-        "--ws",
-        "0",
-        "--wss",
-        "0",
-        "--unix",
-        sock.to_str().unwrap(),
-        "--cert",
-        certs.cert.to_str().unwrap(),
-        "--key",
-        certs.key.to_str().unwrap(),
-    ]);
-    let ready = next_json(&mut lines).await.expect("no ready line");
-    assert_eq!(ready["ready"], true);
-    // Drain the server's event lines so its stdout never blocks.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
-    for kind in KINDS {
-        let addr = match kind {
-            "unix" => ready["unix"].as_str().unwrap().to_owned(),
-            other => format!("127.0.0.1:{}", ready[other]),
-        };
+    let (_node, urls) = node_server(&certs, &[]).await;
+    for (kind, url) in urls {
         let mut options = ClientOptions::default().reconnector(Backoff::fixed_range(
             Duration::from_millis(300),
             Duration::from_millis(300),
         ));
         options.transport.tls.insecure = true;
-        let conn = connect(&url(kind, &addr), "testApp@1.0.0", options)
-            .await
-            .unwrap();
+        let conn = connect(&url, "testApp@1.0.0", options).await.unwrap();
         let session = conn.session_id();
         let mut events = conn.events();
         assert_eq!(
