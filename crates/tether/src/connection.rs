@@ -1127,6 +1127,9 @@ impl Driver {
                 Ok(())
             }
             Role::Server => {
+                if let (Some(h), Some(reason)) = (&self.hooks, &reason) {
+                    h.on_error(&self.conn, reason);
+                }
                 self.phase = Phase::Detached;
                 self.timer = Some(tokio::time::Instant::now() + self.client_expiration);
                 if let (Some(h), Some(s)) = (&self.hooks, &self.session) {

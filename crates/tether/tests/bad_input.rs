@@ -1,0 +1,332 @@
+//! Bad input from a peer, over real sockets: each case gets upstream's reply or a close, a typed
+//! error or event on our side, and no effect on a well-behaved client connected alongside.
+
+use futures::{SinkExt, StreamExt};
+use std::time::Duration;
+use tether::example::{test_app, ChatHub};
+use tether::transport::ListenerOptions;
+use tether::{
+    connect, ClientOptions, Connection, ConnectionEvent, Error, Server, ServerEvent, Value,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const LIMIT: usize = 4096;
+
+struct Setup {
+    server: Server,
+    tcp: String,
+    ws: String,
+    events: broadcast::Receiver<ServerEvent>,
+    /// A well-behaved client, connected before any bad input arrives.
+    good: Connection,
+}
+
+async fn setup(handshake_timeout: Duration) -> Setup {
+    let chat = ChatHub::new();
+    let server = Server::builder()
+        .application(test_app(chat.clone()))
+        .handshake_timeout(handshake_timeout)
+        .listener_options(ListenerOptions::default().with_max_message_size(LIMIT))
+        .build()
+        .unwrap();
+    chat.bind(&server);
+    let events = server.events();
+    let tcp = server
+        .listen("jstp://127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ws = server
+        .listen("ws://127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let good = connect(
+        &format!("jstp://{tcp}"),
+        "testApp",
+        ClientOptions::default().no_reconnect(),
+    )
+    .await
+    .unwrap();
+    Setup {
+        server,
+        tcp,
+        ws,
+        events,
+        good,
+    }
+}
+
+impl Setup {
+    /// The well-behaved client still works.
+    async fn good_still_works(&self) {
+        assert_eq!(
+            self.good
+                .call("calculator", "answer", vec![])
+                .await
+                .unwrap(),
+            vec![Value::from(42)]
+        );
+        let session = self.good.session_id();
+        assert!(self.server.clients().iter().any(|c| c.session_id() == session));
+    }
+
+    /// The next connection error the server reports.
+    async fn connection_error(&mut self) -> String {
+        let wait = async {
+            loop {
+                if let ServerEvent::ConnectionError { error, .. } =
+                    self.events.recv().await.unwrap()
+                {
+                    return error;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("no connection error reported")
+    }
+}
+
+/// Writes `bytes` on a raw TCP connection and returns everything read until the server closes.
+async fn raw_tcp(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    sock.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await.expect("the server did not close the connection");
+    got
+}
+
+fn frames(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|b| *b == 0)
+        .filter(|f| !f.is_empty())
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+        .collect()
+}
+
+const HANDSHAKE: &[u8] = b"{handshake:[0,'testApp']}\0";
+
+#[tokio::test]
+async fn garbage_bytes_close_only_that_connection() {
+    let mut s = setup(Duration::from_secs(3)).await;
+    let mut bytes = HANDSHAKE.to_vec();
+    bytes.extend_from_slice(b"}}}not a record{{{\0");
+    let got = frames(&raw_tcp(&s.tcp, &bytes).await);
+    // The handshake was answered, then the connection closed with nothing more.
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("{handshake:[0],ok:'"), "{got:?}");
+    assert!(s.connection_error().await.contains("invalid message"));
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn a_message_before_the_handshake_closes_without_an_answer() {
+    let mut s = setup(Duration::from_secs(3)).await;
+    let got = raw_tcp(&s.tcp, b"{call:[1,'calculator'],answer:[]}\0").await;
+    assert!(got.is_empty(), "{:?}", frames(&got));
+    assert!(s.connection_error().await.contains("before handshake"));
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn an_over_long_message_closes_only_that_connection() {
+    let mut s = setup(Duration::from_secs(3)).await;
+    // No NUL within the limit: the framer gives up at LIMIT bytes.
+    let got = raw_tcp(&s.tcp, &vec![b'x'; LIMIT * 2]).await;
+    assert!(got.is_empty());
+    let error = s.connection_error().await;
+    assert!(
+        error.contains("framing") || error.contains("too"),
+        "{error}"
+    );
+    s.good_still_works().await;
+
+    // Over WebSocket: one text message over the limit.
+    let mut request = format!("ws://{}/", s.ws).into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "metarhia-jstp".parse().unwrap());
+    let sock = TcpStream::connect(&s.ws).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, sock).await.unwrap();
+    ws.send(WsMessage::text("{handshake:[0,'testApp']}"))
+        .await
+        .unwrap();
+    let answer = ws.next().await.unwrap().unwrap();
+    assert!(answer.to_text().unwrap().starts_with("{handshake:[0],ok:"));
+    let long = format!(
+        "{{call:[1,'someService'],say:['{}']}}",
+        "y".repeat(LIMIT * 2)
+    );
+    let _ = ws.send(WsMessage::text(long)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
+                Some(Ok(other)) => assert!(!other.is_text(), "answered: {other:?}"),
+            }
+        }
+    });
+    closed
+        .await
+        .expect("the over-long WS message did not close the connection");
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_the_connection() {
+    let mut s = setup(Duration::from_secs(3)).await;
+    let mut bytes = HANDSHAKE.to_vec();
+    bytes.extend_from_slice(b"{event:[1,'chat'],send:['\xff\xfe']}\0");
+    let got = frames(&raw_tcp(&s.tcp, &bytes).await);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let error = s.connection_error().await;
+    assert!(error.contains("UTF-8") || error.contains("utf"), "{error}");
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn unknown_kinds_are_rejected_and_the_connection_stays() {
+    let s = setup(Duration::from_secs(3)).await;
+    let mut sock = TcpStream::connect(&s.tcp).await.unwrap();
+    sock.write_all(HANDSHAKE).await.unwrap();
+    sock.write_all(b"{frobnicate:[1],x:[]}\0{call:[2,'calculator'],answer:[]}\0")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while frames(&got).len() < 2 {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed after an unknown kind");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let got = frames(&got);
+    assert!(got[0].starts_with("{handshake:[0],ok:"));
+    // The unknown message got no answer; the call after it did.
+    assert_eq!(got[1], "{callback:[2],ok:[42]}");
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn non_array_arguments_get_invalid_signature() {
+    let s = setup(Duration::from_secs(3)).await;
+    let mut sock = TcpStream::connect(&s.tcp).await.unwrap();
+    sock.write_all(HANDSHAKE).await.unwrap();
+    sock.write_all(b"{call:[1,'calculator'],divide:{a:1}}\0")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while frames(&got).len() < 2 {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(frames(&got)[1], "{callback:[1],error:[17]}");
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn a_second_handshake_closes_the_connection() {
+    let mut s = setup(Duration::from_secs(3)).await;
+    let mut bytes = HANDSHAKE.to_vec();
+    bytes.extend_from_slice(HANDSHAKE);
+    let got = frames(&raw_tcp(&s.tcp, &bytes).await);
+    assert_eq!(
+        got.len(),
+        1,
+        "only the first handshake is answered: {got:?}"
+    );
+    assert!(s.connection_error().await.contains("second handshake"));
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_handshakes_is_closed_after_the_timeout() {
+    let mut s = setup(Duration::from_millis(200)).await;
+    let silent = TcpStream::connect(&s.tcp).await.unwrap();
+    let timed_out = async {
+        loop {
+            if let ServerEvent::HandshakeTimeout(c) = s.events.recv().await.unwrap() {
+                return c;
+            }
+        }
+    };
+    let conn = tokio::time::timeout(Duration::from_secs(10), timed_out)
+        .await
+        .expect("no handshake timeout");
+    conn.closed().await;
+    let mut silent = silent;
+    let mut buf = [0u8; 16];
+    assert_eq!(silent.read(&mut buf).await.unwrap(), 0, "not closed");
+    s.good_still_works().await;
+}
+
+#[tokio::test]
+async fn plain_http_on_the_websocket_port_gets_400() {
+    let s = setup(Duration::from_secs(3)).await;
+    let got = raw_tcp(
+        &s.ws,
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    s.good_still_works().await;
+}
+
+/// Our client facing a server that turns bad: pending calls end with a typed error, never hang.
+#[tokio::test]
+async fn a_garbling_server_fails_the_clients_pending_calls() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let mut seen = Vec::new();
+        // Answer the handshake, wait for the call, then send garbage.
+        while !seen.contains(&0) {
+            let n = sock.read(&mut buf).await.unwrap();
+            seen.extend_from_slice(&buf[..n]);
+        }
+        sock.write_all(b"{handshake:[0],ok:'f0e3c1a2-0000-4000-8000-000000000000'}\0")
+            .await
+            .unwrap();
+        seen.clear();
+        while !seen.contains(&0) {
+            let n = sock.read(&mut buf).await.unwrap();
+            seen.extend_from_slice(&buf[..n]);
+        }
+        sock.write_all(b"\x01\x02 garbage ]]]\0").await.unwrap();
+        // Keep the socket open: the client must not wait for us to close it.
+        let _ = sock.read(&mut buf).await;
+    });
+    let conn = connect(
+        &format!("jstp://{addr}"),
+        "testApp",
+        ClientOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut events = conn.events();
+    let result = conn.call("calculator", "answer", vec![]).await;
+    assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+    let mut saw_error = false;
+    while let Ok(ev) = events.try_recv() {
+        saw_error |= matches!(ev, ConnectionEvent::Error { .. });
+    }
+    assert!(saw_error, "no error event");
+    conn.closed().await;
+    fake.abort();
+}
