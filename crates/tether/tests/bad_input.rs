@@ -70,7 +70,11 @@ impl Setup {
             vec![Value::from(42)]
         );
         let session = self.good.session_id();
-        assert!(self.server.clients().iter().any(|c| c.session_id() == session));
+        assert!(self
+            .server
+            .clients()
+            .iter()
+            .any(|c| c.session_id() == session));
     }
 
     /// The next connection error the server reports.
@@ -118,6 +122,22 @@ fn frames(bytes: &[u8]) -> Vec<String> {
 
 const HANDSHAKE: &[u8] = b"{handshake:[0,'testApp']}\0";
 
+/// Handshakes on a raw TCP connection, sends `bytes`, and returns the first `n` frames that
+/// come back (the handshake answer first), failing if the server closes before.
+async fn handshake_then(addr: &str, bytes: &[u8], n: usize) -> Vec<String> {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    sock.write_all(HANDSHAKE).await.unwrap();
+    sock.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while frames(&got).len() < n {
+        let read = sock.read(&mut buf).await.unwrap();
+        assert!(read > 0, "closed early: {:?}", frames(&got));
+        got.extend_from_slice(&buf[..read]);
+    }
+    frames(&got)
+}
+
 #[tokio::test]
 async fn garbage_bytes_close_only_that_connection() {
     let mut s = setup(Duration::from_secs(3)).await;
@@ -159,7 +179,9 @@ async fn an_over_long_message_closes_only_that_connection() {
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", "metarhia-jstp".parse().unwrap());
     let sock = TcpStream::connect(&s.ws).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(request, sock).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, sock)
+        .await
+        .unwrap();
     ws.send(WsMessage::text("{handshake:[0,'testApp']}"))
         .await
         .unwrap();
@@ -199,19 +221,12 @@ async fn invalid_utf8_closes_the_connection() {
 #[tokio::test]
 async fn unknown_kinds_are_rejected_and_the_connection_stays() {
     let s = setup(Duration::from_secs(3)).await;
-    let mut sock = TcpStream::connect(&s.tcp).await.unwrap();
-    sock.write_all(HANDSHAKE).await.unwrap();
-    sock.write_all(b"{frobnicate:[1],x:[]}\0{call:[2,'calculator'],answer:[]}\0")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while frames(&got).len() < 2 {
-        let n = sock.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed after an unknown kind");
-        got.extend_from_slice(&buf[..n]);
-    }
-    let got = frames(&got);
+    let got = handshake_then(
+        &s.tcp,
+        b"{frobnicate:[1],x:[]}\0{call:[2,'calculator'],answer:[]}\0",
+        2,
+    )
+    .await;
     assert!(got[0].starts_with("{handshake:[0],ok:"));
     // The unknown message got no answer; the call after it did.
     assert_eq!(got[1], "{callback:[2],ok:[42]}");
@@ -221,19 +236,8 @@ async fn unknown_kinds_are_rejected_and_the_connection_stays() {
 #[tokio::test]
 async fn non_array_arguments_get_invalid_signature() {
     let s = setup(Duration::from_secs(3)).await;
-    let mut sock = TcpStream::connect(&s.tcp).await.unwrap();
-    sock.write_all(HANDSHAKE).await.unwrap();
-    sock.write_all(b"{call:[1,'calculator'],divide:{a:1}}\0")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while frames(&got).len() < 2 {
-        let n = sock.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert_eq!(frames(&got)[1], "{callback:[1],error:[17]}");
+    let got = handshake_then(&s.tcp, b"{call:[1,'calculator'],divide:{a:1}}\0", 2).await;
+    assert_eq!(got[1], "{callback:[1],error:[17]}");
     s.good_still_works().await;
 }
 

@@ -262,6 +262,22 @@ async fn their_server_calls_our_client() {
     }
 }
 
+/// Argument `i` as a string (empty when missing).
+fn text(a: &[Value], i: usize) -> String {
+    a.get(i)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Argument `i` as a list of values (empty when missing).
+fn list(a: &[Value], i: usize) -> Vec<Value> {
+    a.get(i)
+        .and_then(Value::as_array)
+        .unwrap_or_default()
+        .to_vec()
+}
+
 fn our_server(certs: &common::Certs) -> Server {
     let chat = ChatHub::new();
     let version = |v: &'static str| {
@@ -270,40 +286,16 @@ fn our_server(certs: &common::Certs) -> Server {
     // The control interface the Node peer's scenarios ask the server for.
     let control = Interface::new()
         .method("emit", |conn: Connection, a: Vec<Value>| async move {
-            let iface = a
-                .first()
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            let event = a
-                .get(1)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            let args = a
-                .get(2)
-                .and_then(Value::as_array)
-                .unwrap_or_default()
-                .to_vec();
+            let iface = text(&a, 0);
+            let event = text(&a, 1);
+            let args = list(&a, 2);
             let _ = conn.emit(&iface, &event, args).await;
             Ok(Value::Undefined)
         })
         .method("callClient", |conn: Connection, a: Vec<Value>| async move {
-            let iface = a
-                .first()
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            let method = a
-                .get(1)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            let args = a
-                .get(2)
-                .and_then(Value::as_array)
-                .unwrap_or_default()
-                .to_vec();
+            let iface = text(&a, 0);
+            let method = text(&a, 1);
+            let args = list(&a, 2);
             match conn.call(&iface, &method, args).await {
                 Ok(values) => Ok(values.into_iter().next().unwrap_or(Value::Undefined)),
                 Err(Error::Remote(e)) => Err(e),
@@ -313,11 +305,7 @@ fn our_server(certs: &common::Certs) -> Server {
         .method(
             "inspectClient",
             |conn: Connection, a: Vec<Value>| async move {
-                let iface = a
-                    .first()
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
+                let iface = text(&a, 0);
                 match conn.inspect(&iface).await {
                     Ok(proxy) => Ok(Value::from(proxy.methods().to_vec())),
                     Err(Error::Remote(e)) => Err(e),
