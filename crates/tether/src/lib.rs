@@ -38,6 +38,7 @@ pub mod client;
 pub mod connection;
 pub mod error;
 pub mod example;
+pub mod hub;
 pub mod memory;
 pub mod reconnect;
 pub mod server;

@@ -1,0 +1,879 @@
+//! A hub of connections to many peers, keyed by address (ssb-conn-hub's model, done right).
+//!
+//! The hub keeps one entry per [`MultiAddress`] in the states `Connecting`, `Connected` or
+//! `Disconnecting` (no entry means disconnected), dials through a [`Connector`] (by default a
+//! JSTP client, [`JstpConnector`]), and reports every transition exactly once on
+//! [`Hub::listen`] and as table snapshots on [`Hub::live_entries`].
+//!
+//! Unlike upstream: concurrent `connect` calls on a connecting address share one dial *and its
+//! failure*; `disconnect` aborts a dial in progress; a `connect` made while disconnecting runs
+//! again, with its data, once the disconnect is done; `disconnected` is reported once per
+//! connection; after [`Hub::close`] every call fails with [`HubError::Closed`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tether::hub::HubError> {
+//! use tether::hub::{ConnectOutcome, Hub, HubOptions};
+//! use tether::Value;
+//!
+//! let hub = Hub::new(HubOptions::jstp("testApp"));
+//! let mut events = hub.listen()?;
+//! match hub.connect("net:127.0.0.1:3000", Default::default()).await? {
+//!     ConnectOutcome::Connected(conn) | ConnectOutcome::AlreadyConnected(conn) => {
+//!         let answer = conn.call("calculator", "answer", vec![]).await?;
+//!         assert_eq!(answer, vec![Value::from(42)]);
+//!     }
+//!     ConnectOutcome::Deferred => {}
+//! }
+//! println!("{:?}", events.recv().await);
+//! hub.close().await;
+//! # Ok(()) }
+//! ```
+
+mod address;
+
+pub use address::{Address, AddressError, MultiAddress, PeerKey, Protocol};
+
+use crate::client::{connect_endpoint, ClientOptions};
+use crate::connection::Connection;
+use crate::error::Error;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tether_wire::{Object, Value};
+use thiserror::Error;
+use tokio::sync::broadcast;
+
+/// What can go wrong in the hub.
+#[derive(Debug, Clone, Error)]
+pub enum HubError {
+    /// The hub was closed.
+    #[error("this hub is closed")]
+    Closed,
+    /// The address is not a valid multiserver address.
+    #[error("invalid address: {0}")]
+    Address(#[from] AddressError),
+    /// No alternative of the address uses a transport the connector can dial.
+    #[error("no dialable transport in {0}")]
+    Undialable(String),
+    /// The dial failed.
+    #[error("connecting failed: {0}")]
+    Connect(Arc<Error>),
+    /// The dial was aborted by `disconnect`, `reset` or `close`.
+    #[error("connecting was aborted")]
+    Aborted,
+    /// A policy refused the connection.
+    #[error("refused by policy: {0}")]
+    Refused(String),
+    /// Closing a connection failed (custom connectors only).
+    #[error("disconnecting failed: {0}")]
+    Disconnect(String),
+}
+
+impl From<Error> for HubError {
+    fn from(e: Error) -> Self {
+        HubError::Connect(Arc::new(e))
+    }
+}
+
+/// The state of an address in the hub; an address not in the hub is disconnected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HubState {
+    /// A dial is in progress.
+    Connecting,
+    /// Connected.
+    Connected,
+    /// Being disconnected.
+    Disconnecting,
+}
+
+/// Who opened a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// We dialled.
+    Outbound,
+    /// The peer dialled us ([`Hub::register_inbound`]).
+    Inbound,
+}
+
+/// One address in the hub.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its state.
+    pub state: HubState,
+    /// The peer key from the address or the inbound registration.
+    pub key: Option<PeerKey>,
+    /// Who opened the connection (once connected).
+    pub direction: Option<Direction>,
+    /// The connection (once connected).
+    pub connection: Option<Connection>,
+    /// Caller data from `connect` and `update`.
+    pub data: Object,
+    /// When the entry appeared.
+    pub birth: SystemTime,
+    /// When it last changed.
+    pub updated: SystemTime,
+}
+
+/// A transition of one address, reported once by [`Hub::listen`].
+#[derive(Debug, Clone)]
+pub enum HubEvent {
+    /// A dial started.
+    Connecting {
+        /// The address.
+        address: String,
+        /// Its key.
+        key: Option<PeerKey>,
+    },
+    /// A dial failed (or was refused).
+    ConnectingFailed {
+        /// The address.
+        address: String,
+        /// Its key.
+        key: Option<PeerKey>,
+        /// Why.
+        error: HubError,
+    },
+    /// A connection is up.
+    Connected {
+        /// The address.
+        address: String,
+        /// Its key.
+        key: Option<PeerKey>,
+        /// The connection.
+        connection: Connection,
+        /// Who opened it.
+        direction: Direction,
+    },
+    /// A disconnect started.
+    Disconnecting {
+        /// The address.
+        address: String,
+        /// Its key.
+        key: Option<PeerKey>,
+    },
+    /// A disconnect failed; the entry is back in its previous state.
+    DisconnectingFailed {
+        /// The address.
+        address: String,
+        /// Its key.
+        key: Option<PeerKey>,
+        /// Why.
+        error: HubError,
+    },
+    /// The address left the hub (disconnected, closed by the peer, or dial aborted).
+    Disconnected {
+        /// The address.
+        address: String,
+        /// Its key.
+        key: Option<PeerKey>,
+    },
+}
+
+impl HubEvent {
+    /// The address the event is about.
+    pub fn address(&self) -> &str {
+        match self {
+            HubEvent::Connecting { address, .. }
+            | HubEvent::ConnectingFailed { address, .. }
+            | HubEvent::Connected { address, .. }
+            | HubEvent::Disconnecting { address, .. }
+            | HubEvent::DisconnectingFailed { address, .. }
+            | HubEvent::Disconnected { address, .. } => address,
+        }
+    }
+
+    /// The event's name as upstream spells it (`connecting-failed`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HubEvent::Connecting { .. } => "connecting",
+            HubEvent::ConnectingFailed { .. } => "connecting-failed",
+            HubEvent::Connected { .. } => "connected",
+            HubEvent::Disconnecting { .. } => "disconnecting",
+            HubEvent::DisconnectingFailed { .. } => "disconnecting-failed",
+            HubEvent::Disconnected { .. } => "disconnected",
+        }
+    }
+}
+
+/// What [`Hub::connect`] did.
+#[derive(Debug, Clone)]
+pub enum ConnectOutcome {
+    /// Connected now (by this call's dial, or by the dial it joined).
+    Connected(Connection),
+    /// The address was already connected.
+    AlreadyConnected(Connection),
+    /// The address is being disconnected; it is connected again afterwards.
+    Deferred,
+}
+
+/// How the hub dials and hangs up.
+pub trait Connector: Send + Sync + 'static {
+    /// Dials `address`.
+    fn connect(&self, address: MultiAddress) -> BoxFuture<'static, Result<Connection, HubError>>;
+    /// Hangs up. The default closes the connection.
+    fn disconnect(&self, connection: Connection) -> BoxFuture<'static, Result<(), HubError>> {
+        Box::pin(async move {
+            connection.close().await;
+            Ok(())
+        })
+    }
+}
+
+/// Dials the first alternative tether has a transport for, with the JSTP client and a fixed
+/// application. Reconnecting is left to the hub's owner, so connections do not reconnect.
+#[derive(Clone)]
+pub struct JstpConnector {
+    app: String,
+    options: ClientOptions,
+}
+
+impl JstpConnector {
+    /// Connects to application `app` (`name` or `name@range`) with `options` (reconnecting
+    /// turned off).
+    pub fn new(app: impl Into<String>, options: ClientOptions) -> Self {
+        JstpConnector {
+            app: app.into(),
+            options: options.no_reconnect(),
+        }
+    }
+}
+
+impl Connector for JstpConnector {
+    fn connect(&self, address: MultiAddress) -> BoxFuture<'static, Result<Connection, HubError>> {
+        let app = self.app.clone();
+        let options = self.options.clone();
+        Box::pin(async move {
+            let endpoint = address
+                .endpoint()
+                .ok_or_else(|| HubError::Undialable(address.to_string()))?;
+            Ok(connect_endpoint(&endpoint, &app, options).await?)
+        })
+    }
+}
+
+/// Decides whether a new connection may be made: limits and key-level dedupe.
+pub trait Policy: Send + Sync + 'static {
+    /// `Err(reason)` refuses a connection to `address` (with `key`) given the current entries.
+    fn admit(
+        &self,
+        address: &str,
+        key: Option<&PeerKey>,
+        entries: &[(String, Entry)],
+    ) -> Result<(), String>;
+}
+
+/// At most this many entries (connecting, connected or disconnecting).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxConnections(pub usize);
+
+impl Policy for MaxConnections {
+    fn admit(
+        &self,
+        _: &str,
+        _: Option<&PeerKey>,
+        entries: &[(String, Entry)],
+    ) -> Result<(), String> {
+        if entries.len() >= self.0 {
+            Err(format!("at most {} connections", self.0))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One entry per peer key: a second address of an already known key is refused.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnePerKey;
+
+impl Policy for OnePerKey {
+    fn admit(
+        &self,
+        _: &str,
+        key: Option<&PeerKey>,
+        entries: &[(String, Entry)],
+    ) -> Result<(), String> {
+        match key {
+            Some(k) if entries.iter().any(|(_, e)| e.key.as_ref() == Some(k)) => {
+                Err(format!("{k} is already in the hub"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How a hub is set up.
+pub struct HubOptions {
+    /// How to dial.
+    pub connector: Arc<dyn Connector>,
+    /// Checked in order before every new connection.
+    pub policies: Vec<Arc<dyn Policy>>,
+    /// Capacity of the event and snapshot channels; slow listeners see `Lagged`. Default 1024.
+    pub channel_capacity: usize,
+}
+
+impl HubOptions {
+    /// A hub dialling JSTP application `app` with default client options.
+    pub fn jstp(app: impl Into<String>) -> Self {
+        Self::with_connector(JstpConnector::new(app, ClientOptions::default()))
+    }
+
+    /// A hub dialling through `connector`.
+    pub fn with_connector(connector: impl Connector) -> Self {
+        HubOptions {
+            connector: Arc::new(connector),
+            policies: Vec::new(),
+            channel_capacity: 1024,
+        }
+    }
+
+    /// Adds a policy.
+    pub fn policy(mut self, policy: impl Policy) -> Self {
+        self.policies.push(Arc::new(policy));
+        self
+    }
+}
+
+type Dial = Shared<BoxFuture<'static, Result<Connection, HubError>>>;
+
+struct Slot {
+    entry: Entry,
+    /// Distinguishes successive connections to one address.
+    generation: u64,
+    dial: Option<(Dial, tokio::task::AbortHandle)>,
+    /// A `connect` made while disconnecting: run it afterwards with this data.
+    reconnect: Option<Object>,
+}
+
+struct State {
+    closed: bool,
+    slots: HashMap<String, Slot>,
+    next_generation: u64,
+    /// Dropped by `close`, which ends every listener's stream.
+    events: Option<broadcast::Sender<HubEvent>>,
+    snapshots: Option<broadcast::Sender<Vec<(String, Entry)>>>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    connector: Arc<dyn Connector>,
+    policies: Vec<Arc<dyn Policy>>,
+}
+
+/// A hub of connections to many peers. Cloning gives another handle on the same hub.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+fn snapshot(state: &State) -> Vec<(String, Entry)> {
+    let mut entries: Vec<_> = state
+        .slots
+        .iter()
+        .map(|(a, s)| (a.clone(), s.entry.clone()))
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reports an event and the new table, under the state lock so the order is the order of
+    /// the changes.
+    fn changed(&self, state: &State, event: Option<HubEvent>) {
+        if let (Some(event), Some(events)) = (event, &state.events) {
+            let _ = events.send(event);
+        }
+        if let Some(snapshots) = state.snapshots.as_ref().filter(|s| s.receiver_count() > 0) {
+            let _ = snapshots.send(snapshot(state));
+        }
+    }
+}
+
+/// Snapshots of the hub's table: the current one first, then one after each change.
+pub struct LiveEntries {
+    first: Option<Vec<(String, Entry)>>,
+    rx: broadcast::Receiver<Vec<(String, Entry)>>,
+}
+
+impl LiveEntries {
+    /// The next snapshot; `None` once the hub is closed. A listener that falls behind skips
+    /// to the newest snapshots.
+    pub async fn next(&mut self) -> Option<Vec<(String, Entry)>> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        loop {
+            match self.rx.recv().await {
+                Ok(s) => return Some(s),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// A new, empty hub.
+    pub fn new(options: HubOptions) -> Hub {
+        let capacity = options.channel_capacity.max(1);
+        Hub {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    closed: false,
+                    slots: HashMap::new(),
+                    next_generation: 1,
+                    events: Some(broadcast::channel(capacity).0),
+                    snapshots: Some(broadcast::channel(capacity).0),
+                }),
+                connector: options.connector,
+                policies: options.policies,
+            }),
+        }
+    }
+
+    fn open_state(&self) -> Result<std::sync::MutexGuard<'_, State>, HubError> {
+        let state = self.inner.lock();
+        if state.closed {
+            Err(HubError::Closed)
+        } else {
+            Ok(state)
+        }
+    }
+
+    /// Connects to `address` unless it is in the hub already; concurrent calls for one
+    /// address share one dial and its outcome.
+    pub async fn connect(&self, address: &str, data: Object) -> Result<ConnectOutcome, HubError> {
+        let parsed: MultiAddress = address.parse()?;
+        let dial = {
+            let mut state = self.open_state()?;
+            match state.slots.get_mut(address) {
+                Some(slot) => match slot.entry.state {
+                    HubState::Connected => {
+                        let conn = slot.entry.connection.clone().ok_or(HubError::Aborted)?;
+                        return Ok(ConnectOutcome::AlreadyConnected(conn));
+                    }
+                    HubState::Connecting => match &slot.dial {
+                        Some((dial, _)) => dial.clone(),
+                        None => return Err(HubError::Aborted),
+                    },
+                    HubState::Disconnecting => {
+                        slot.reconnect = Some(data);
+                        return Ok(ConnectOutcome::Deferred);
+                    }
+                },
+                None => self.start_dial(&mut state, address, parsed, data)?,
+            }
+        };
+        dial.await.map(ConnectOutcome::Connected)
+    }
+
+    fn start_dial(
+        &self,
+        state: &mut State,
+        address: &str,
+        parsed: MultiAddress,
+        data: Object,
+    ) -> Result<Dial, HubError> {
+        let key = parsed.key();
+        let entries = snapshot(state);
+        for policy in &self.inner.policies {
+            if let Err(reason) = policy.admit(address, key.as_ref(), &entries) {
+                let error = HubError::Refused(reason);
+                let event = HubEvent::ConnectingFailed {
+                    address: address.to_owned(),
+                    key,
+                    error: error.clone(),
+                };
+                self.inner.changed(state, Some(event));
+                return Err(error);
+            }
+        }
+        let generation = state.next_generation;
+        state.next_generation += 1;
+        let now = SystemTime::now();
+        // The dial runs in its own task so it can be aborted, and records its outcome itself:
+        // the state changes once, however many callers await it.
+        let hub = self.clone();
+        let addr = address.to_owned();
+        let task = tokio::spawn(async move {
+            let result = hub.inner.connector.connect(parsed).await;
+            hub.dial_done(&addr, generation, result)
+        });
+        let abort = task.abort_handle();
+        let dial: Dial = async move {
+            match task.await {
+                Ok(r) => r,
+                Err(_) => Err(HubError::Aborted),
+            }
+        }
+        .boxed()
+        .shared();
+        state.slots.insert(
+            address.to_owned(),
+            Slot {
+                entry: Entry {
+                    state: HubState::Connecting,
+                    key,
+                    direction: None,
+                    connection: None,
+                    data,
+                    birth: now,
+                    updated: now,
+                },
+                generation,
+                dial: Some((dial.clone(), abort)),
+                reconnect: None,
+            },
+        );
+        self.inner.changed(
+            state,
+            Some(HubEvent::Connecting {
+                address: address.to_owned(),
+                key,
+            }),
+        );
+        Ok(dial)
+    }
+
+    /// Records a dial's outcome, if the entry is still the one that started it.
+    fn dial_done(
+        &self,
+        address: &str,
+        generation: u64,
+        result: Result<Connection, HubError>,
+    ) -> Result<Connection, HubError> {
+        let mut state = self.inner.lock();
+        let current = state
+            .slots
+            .get(address)
+            .is_some_and(|s| s.generation == generation && s.entry.state == HubState::Connecting);
+        if !current {
+            // Disconnected (or closed) meanwhile: the connection is not wanted.
+            if let Ok(conn) = result {
+                tokio::spawn(async move { conn.close().await });
+            }
+            return Err(HubError::Aborted);
+        }
+        match result {
+            Ok(conn) => {
+                let key = {
+                    let slot = state.slots.get_mut(address).expect("checked above");
+                    slot.dial = None;
+                    slot.entry.state = HubState::Connected;
+                    slot.entry.direction = Some(Direction::Outbound);
+                    slot.entry.connection = Some(conn.clone());
+                    slot.entry.updated = SystemTime::now();
+                    slot.entry.key
+                };
+                self.watch_close(address, generation, &conn);
+                self.inner.changed(
+                    &state,
+                    Some(HubEvent::Connected {
+                        address: address.to_owned(),
+                        key,
+                        connection: conn.clone(),
+                        direction: Direction::Outbound,
+                    }),
+                );
+                Ok(conn)
+            }
+            Err(error) => {
+                let slot = state.slots.remove(address).expect("checked above");
+                self.inner.changed(
+                    &state,
+                    Some(HubEvent::ConnectingFailed {
+                        address: address.to_owned(),
+                        key: slot.entry.key,
+                        error: error.clone(),
+                    }),
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// Removes the entry when its connection closes (the peer went away, or we closed it).
+    fn watch_close(&self, address: &str, generation: u64, conn: &Connection) {
+        let hub = self.clone();
+        let address = address.to_owned();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            conn.closed().await;
+            // A disconnect in progress reports the end itself.
+            let mut state = hub.inner.lock();
+            let ours = state.slots.get(&address).is_some_and(|s| {
+                s.generation == generation && s.entry.state == HubState::Connected
+            });
+            if ours {
+                let slot = state.slots.remove(&address).expect("checked above");
+                hub.inner.changed(
+                    &state,
+                    Some(HubEvent::Disconnected {
+                        address,
+                        key: slot.entry.key,
+                    }),
+                );
+            }
+        });
+    }
+
+    /// Disconnects `address`: aborts its dial or closes its connection. `Ok(false)` if it was
+    /// not in the hub.
+    pub async fn disconnect(&self, address: &str) -> Result<bool, HubError> {
+        drop(self.open_state()?);
+        self.disconnect_inner(address).await
+    }
+
+    async fn disconnect_inner(&self, address: &str) -> Result<bool, HubError> {
+        let (previous, generation, conn) = {
+            let mut state = self.inner.lock();
+            let Some(slot) = state.slots.get_mut(address) else {
+                return Ok(false);
+            };
+            let previous = slot.entry.state;
+            if previous == HubState::Disconnecting {
+                // Someone else is at it; their disconnect reports the end.
+                return Ok(true);
+            }
+            slot.entry.state = HubState::Disconnecting;
+            slot.entry.updated = SystemTime::now();
+            if let Some((_, abort)) = slot.dial.take() {
+                abort.abort();
+            }
+            let (generation, conn, key) = (
+                slot.generation,
+                slot.entry.connection.clone(),
+                slot.entry.key,
+            );
+            self.inner.changed(
+                &state,
+                Some(HubEvent::Disconnecting {
+                    address: address.to_owned(),
+                    key,
+                }),
+            );
+            (previous, generation, conn)
+        };
+        if let Some(conn) = conn {
+            if let Err(error) = self.inner.connector.disconnect(conn).await {
+                let mut state = self.inner.lock();
+                if let Some(slot) = state.slots.get_mut(address) {
+                    if slot.generation == generation {
+                        slot.entry.state = previous;
+                        slot.entry.updated = SystemTime::now();
+                        let key = slot.entry.key;
+                        self.inner.changed(
+                            &state,
+                            Some(HubEvent::DisconnectingFailed {
+                                address: address.to_owned(),
+                                key,
+                                error: error.clone(),
+                            }),
+                        );
+                    }
+                }
+                return Err(error);
+            }
+        }
+        let reconnect = {
+            let mut state = self.inner.lock();
+            let ours = state
+                .slots
+                .get(address)
+                .is_some_and(|s| s.generation == generation);
+            if !ours {
+                return Ok(true);
+            }
+            let slot = state.slots.remove(address).expect("checked above");
+            self.inner.changed(
+                &state,
+                Some(HubEvent::Disconnected {
+                    address: address.to_owned(),
+                    key: slot.entry.key,
+                }),
+            );
+            slot.reconnect.filter(|_| !state.closed)
+        };
+        if let Some(data) = reconnect {
+            let hub = self.clone();
+            let address = address.to_owned();
+            tokio::spawn(async move {
+                let _ = hub.connect(&address, data).await;
+            });
+        }
+        Ok(true)
+    }
+
+    /// Merges `data` into the entry of `address` (keys with `undefined` values are skipped).
+    /// `Ok(false)` if the address is not in the hub.
+    pub fn update(&self, address: &str, data: Object) -> Result<bool, HubError> {
+        let mut state = self.open_state()?;
+        let Some(slot) = state.slots.get_mut(address) else {
+            return Ok(false);
+        };
+        for (k, v) in data.iter() {
+            if *v != Value::Undefined {
+                slot.entry.data.insert(k, v.clone());
+            }
+        }
+        slot.entry.updated = SystemTime::now();
+        self.inner.changed(&state, None);
+        Ok(true)
+    }
+
+    /// Disconnects everything (dials in progress are aborted).
+    pub async fn reset(&self) -> Result<(), HubError> {
+        drop(self.open_state()?);
+        self.reset_inner().await;
+        Ok(())
+    }
+
+    async fn reset_inner(&self) {
+        let addresses: Vec<String> = self.inner.lock().slots.keys().cloned().collect();
+        let all = addresses.iter().map(|a| self.disconnect_inner(a));
+        futures::future::join_all(all).await;
+    }
+
+    /// A snapshot of the table, sorted by address.
+    pub fn entries(&self) -> Result<Vec<(String, Entry)>, HubError> {
+        let state = self.open_state()?;
+        Ok(snapshot(&state))
+    }
+
+    /// The current table, then a new one after every change.
+    pub fn live_entries(&self) -> Result<LiveEntries, HubError> {
+        let state = self.open_state()?;
+        let snapshots = state.snapshots.as_ref().ok_or(HubError::Closed)?;
+        Ok(LiveEntries {
+            first: Some(snapshot(&state)),
+            rx: snapshots.subscribe(),
+        })
+    }
+
+    /// Transitions from now on, each reported once.
+    pub fn listen(&self) -> Result<broadcast::Receiver<HubEvent>, HubError> {
+        let state = self.open_state()?;
+        Ok(state.events.as_ref().ok_or(HubError::Closed)?.subscribe())
+    }
+
+    /// The state of `address`; `None` when disconnected.
+    pub fn get_state(&self, address: &str) -> Result<Option<HubState>, HubError> {
+        Ok(self.open_state()?.slots.get(address).map(|s| s.entry.state))
+    }
+
+    /// Registers a connection the peer opened to us, under `address`. If an entry with the
+    /// same key is connecting, the inbound connection takes its place (the dial is aborted).
+    /// Policies apply; a refused connection is closed.
+    pub async fn register_inbound(
+        &self,
+        address: &str,
+        key: Option<PeerKey>,
+        connection: Connection,
+    ) -> Result<(), HubError> {
+        let refused = {
+            let mut state = self.open_state()?;
+            let dialing = key.and_then(|k| {
+                state
+                    .slots
+                    .iter()
+                    .find(|(_, s)| s.entry.key == Some(k) && s.entry.state == HubState::Connecting)
+                    .map(|(a, _)| a.clone())
+            });
+            let target = dialing.unwrap_or_else(|| address.to_owned());
+            let entries: Vec<_> = snapshot(&state)
+                .into_iter()
+                .filter(|(a, _)| *a != target)
+                .collect();
+            let refused = self
+                .inner
+                .policies
+                .iter()
+                .find_map(|p| p.admit(&target, key.as_ref(), &entries).err());
+            match refused {
+                Some(reason) => Some(HubError::Refused(reason)),
+                None if state
+                    .slots
+                    .get(&target)
+                    .is_some_and(|s| s.entry.state != HubState::Connecting) =>
+                {
+                    Some(HubError::Refused(format!("{target} is already in the hub")))
+                }
+                None => {
+                    let generation = state.next_generation;
+                    state.next_generation += 1;
+                    let now = SystemTime::now();
+                    let (data, birth) = match state.slots.remove(&target) {
+                        Some(slot) => {
+                            if let Some((_, abort)) = slot.dial {
+                                abort.abort();
+                            }
+                            (slot.entry.data, slot.entry.birth)
+                        }
+                        None => (Object::new(), now),
+                    };
+                    state.slots.insert(
+                        target.clone(),
+                        Slot {
+                            entry: Entry {
+                                state: HubState::Connected,
+                                key,
+                                direction: Some(Direction::Inbound),
+                                connection: Some(connection.clone()),
+                                data,
+                                birth,
+                                updated: now,
+                            },
+                            generation,
+                            dial: None,
+                            reconnect: None,
+                        },
+                    );
+                    self.watch_close(&target, generation, &connection);
+                    self.inner.changed(
+                        &state,
+                        Some(HubEvent::Connected {
+                            address: target,
+                            key,
+                            connection: connection.clone(),
+                            direction: Direction::Inbound,
+                        }),
+                    );
+                    None
+                }
+            }
+        };
+        match refused {
+            Some(error) => {
+                connection.close().await;
+                Err(error)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Disconnects everything and closes the hub; later calls fail with
+    /// [`HubError::Closed`]. Closing twice is harmless.
+    pub async fn close(&self) {
+        {
+            let mut state = self.inner.lock();
+            if state.closed {
+                return;
+            }
+            state.closed = true;
+        }
+        self.reset_inner().await;
+        let mut state = self.inner.lock();
+        state.events = None;
+        state.snapshots = None;
+    }
+}

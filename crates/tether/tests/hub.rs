@@ -1,0 +1,564 @@
+//! The connection hub: upstream's tape scenarios (against a port nobody listens on), then what
+//! upstream never tested: real connections, shared dials and failures, aborting dials,
+//! connect while disconnecting, failed disconnects, peers going away, reset, inbound
+//! registration with key matching and policies, exactly-once events, and 200 peers.
+
+use futures::future::BoxFuture;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tether::example::{test_app, ChatHub};
+use tether::hub::{
+    ConnectOutcome, Connector, Direction, Hub, HubError, HubEvent, HubOptions, HubState,
+    MaxConnections, MultiAddress, OnePerKey, PeerKey,
+};
+use tether::{connect_transport, memory, ClientOptions, Connection, Server, Value};
+use tether_wire::Object;
+use tokio::sync::{broadcast, Notify};
+
+const KEY: &str = "pAhDcHjunq6epPvYYo483vBjcuDkE10qrc2tYC827R0=";
+const KEY2: &str = "DTNmX+4SjsgZ7xyDh5xxmNtFqa6pWi5Qtw7cE8aR9TQ=";
+
+fn example_server() -> Server {
+    let chat = ChatHub::new();
+    let server = Server::builder()
+        .application(test_app(chat.clone()))
+        .build()
+        .unwrap();
+    chat.bind(&server);
+    server
+}
+
+/// An address on which nothing listens.
+fn unreachable_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("net:127.0.0.1:{port}~shs:{KEY}")
+}
+
+async fn next(events: &mut broadcast::Receiver<HubEvent>) -> HubEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("no hub event")
+        .unwrap()
+}
+
+fn kinds(events: &mut broadcast::Receiver<HubEvent>) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        out.push(e.kind());
+    }
+    out
+}
+
+/// A connector under the test's control: dials wait for `release`, succeed over an in-memory
+/// transport to `server` unless the address is in `failing`, and are counted; hang-ups can be
+/// held (`hold_disconnect`) or made to fail.
+struct Gate {
+    server: Server,
+    release: Arc<Notify>,
+    gated: bool,
+    dials: Arc<AtomicUsize>,
+    failing: Vec<String>,
+    hold_disconnect: Option<Arc<Notify>>,
+    fail_disconnect: bool,
+}
+
+impl Gate {
+    fn new(gated: bool) -> Gate {
+        Gate {
+            server: example_server(),
+            release: Arc::new(Notify::new()),
+            gated,
+            dials: Arc::default(),
+            failing: Vec::new(),
+            hold_disconnect: None,
+            fail_disconnect: false,
+        }
+    }
+}
+
+impl Connector for Gate {
+    fn connect(&self, address: MultiAddress) -> BoxFuture<'static, Result<Connection, HubError>> {
+        self.dials.fetch_add(1, Ordering::SeqCst);
+        let server = self.server.clone();
+        let release = self.release.clone();
+        let gated = self.gated;
+        let fail = self.failing.contains(&address.to_string());
+        Box::pin(async move {
+            if gated {
+                release.notified().await;
+            }
+            if fail {
+                return Err(HubError::Undialable(address.to_string()));
+            }
+            let (a, b) = memory::pair(64);
+            server.serve_transport(a);
+            Ok(connect_transport(b, "testApp", ClientOptions::default()).await?)
+        })
+    }
+
+    fn disconnect(&self, connection: Connection) -> BoxFuture<'static, Result<(), HubError>> {
+        let hold = self.hold_disconnect.clone();
+        let fail = self.fail_disconnect;
+        Box::pin(async move {
+            if let Some(hold) = hold {
+                hold.notified().await;
+            }
+            if fail {
+                return Err(HubError::Disconnect("refused by the test".into()));
+            }
+            connection.close().await;
+            Ok(())
+        })
+    }
+}
+
+// ---- upstream's tape scenarios ---------------------------------------------------------
+
+#[tokio::test]
+async fn connect_fails_given_an_unreachable_peer() {
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let err = hub
+        .connect(&unreachable_address(), Object::new())
+        .await
+        .unwrap_err();
+    let HubError::Connect(e) = err else {
+        panic!("{err:?}")
+    };
+    assert!(e.to_string().contains("refused"), "{e}");
+}
+
+#[tokio::test]
+async fn listen_emits_connecting_then_connecting_failed() {
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let mut events = hub.listen().unwrap();
+    let address = unreachable_address();
+    let key = PeerKey::parse(KEY).unwrap();
+    assert!(hub.connect(&address, Object::new()).await.is_err());
+    match next(&mut events).await {
+        HubEvent::Connecting { address: a, key: k } => {
+            assert_eq!((a, k), (address.clone(), Some(key)))
+        }
+        other => panic!("{other:?}"),
+    }
+    match next(&mut events).await {
+        HubEvent::ConnectingFailed {
+            address: a,
+            key: k,
+            error: HubError::Connect(_),
+        } => assert_eq!((a, k), (address, Some(key))),
+        other => panic!("{other:?}"),
+    }
+    assert!(kinds(&mut events).is_empty());
+}
+
+#[tokio::test]
+async fn update_merges_data_of_an_entry_in_the_hub() {
+    let gate = Gate::new(true);
+    let release = gate.release.clone();
+    let hub = Hub::new(HubOptions::with_connector(gate));
+    let address = format!("net:127.0.0.1:1~shs:{KEY}");
+    let connecting = {
+        let hub = hub.clone();
+        let address = address.clone();
+        tokio::spawn(async move { hub.connect(&address, Object::new()).await })
+    };
+    let mut live = hub.live_entries().unwrap();
+    let entries = loop {
+        let entries = live.next().await.unwrap();
+        if !entries.is_empty() {
+            break entries;
+        }
+    };
+    assert_eq!(entries[0].1.state, HubState::Connecting);
+    assert!(entries[0].1.data.get("foo").is_none());
+    let mut data = Object::new();
+    data.insert("foo", Value::from("bar"));
+    data.insert("gone", Value::Undefined);
+    assert!(hub.update(&address, data).unwrap());
+    let entry = &hub.entries().unwrap()[0].1;
+    assert_eq!(entry.data.get("foo"), Some(&Value::from("bar")));
+    assert!(
+        entry.data.get("gone").is_none(),
+        "undefined values are skipped"
+    );
+    // Not in the hub: nothing to update.
+    assert!(!hub.update("net:127.0.0.1:2", Object::new()).unwrap());
+    release.notify_one();
+    assert!(matches!(
+        connecting.await.unwrap(),
+        Ok(ConnectOutcome::Connected(_))
+    ));
+}
+
+#[tokio::test]
+async fn live_entries_emit_every_table_change() {
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let mut live = hub.live_entries().unwrap();
+    let address = unreachable_address();
+    assert!(hub.connect(&address, Object::new()).await.is_err());
+    assert!(live.next().await.unwrap().is_empty());
+    let connecting = live.next().await.unwrap();
+    assert_eq!(connecting.len(), 1);
+    assert_eq!(connecting[0].0, address);
+    assert_eq!(connecting[0].1.state, HubState::Connecting);
+    assert!(live.next().await.unwrap().is_empty());
+    hub.close().await;
+    assert!(live.next().await.is_none(), "the stream ends with the hub");
+}
+
+#[tokio::test]
+async fn disconnect_without_a_connection_is_false() {
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    assert!(!hub.disconnect("net:127.0.0.1:9").await.unwrap());
+}
+
+#[tokio::test]
+async fn after_close_nothing_works() {
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let mut events = hub.listen().unwrap();
+    hub.close().await;
+    hub.close().await;
+    assert!(matches!(hub.entries(), Err(HubError::Closed)));
+    assert!(matches!(hub.listen(), Err(HubError::Closed)));
+    assert!(matches!(hub.live_entries(), Err(HubError::Closed)));
+    assert!(matches!(hub.get_state("net:a:1"), Err(HubError::Closed)));
+    assert!(matches!(
+        hub.update("net:a:1", Object::new()),
+        Err(HubError::Closed)
+    ));
+    assert!(matches!(hub.reset().await, Err(HubError::Closed)));
+    assert!(matches!(
+        hub.connect("net:127.0.0.1:1", Object::new()).await,
+        Err(HubError::Closed)
+    ));
+    assert!(matches!(
+        hub.disconnect("net:a:1").await,
+        Err(HubError::Closed)
+    ));
+    assert!(matches!(
+        events.recv().await,
+        Err(broadcast::error::RecvError::Closed)
+    ));
+}
+
+// ---- beyond upstream ------------------------------------------------------------------
+
+#[tokio::test]
+async fn invalid_addresses_are_typed_errors() {
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    assert!(matches!(
+        hub.connect("net:h:1~shs:short", Object::new()).await,
+        Err(HubError::Address(_))
+    ));
+    assert!(matches!(
+        hub.connect("onion:x.onion:80", Object::new()).await,
+        Err(HubError::Undialable(_))
+    ));
+}
+
+#[tokio::test]
+async fn connects_to_real_servers_and_dedupes_by_address() {
+    let server = example_server();
+    let addr = server
+        .listen("jstp://127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ws = server
+        .listen("ws://127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let mut events = hub.listen().unwrap();
+    for address in [format!("net:{addr}"), format!("ws://{ws}")] {
+        let ConnectOutcome::Connected(conn) = hub.connect(&address, Object::new()).await.unwrap()
+        else {
+            panic!("not connected")
+        };
+        assert_eq!(
+            conn.call("calculator", "answer", vec![]).await.unwrap(),
+            vec![Value::from(42)]
+        );
+        assert!(matches!(
+            hub.connect(&address, Object::new()).await.unwrap(),
+            ConnectOutcome::AlreadyConnected(c) if c.id() == conn.id()
+        ));
+        assert_eq!(hub.get_state(&address).unwrap(), Some(HubState::Connected));
+    }
+    assert_eq!(server.clients().len(), 2);
+    assert_eq!(
+        kinds(&mut events),
+        ["connecting", "connected", "connecting", "connected"]
+    );
+    hub.close().await;
+}
+
+#[tokio::test]
+async fn concurrent_connects_share_one_dial_and_its_failure() {
+    let mut gate = Gate::new(true);
+    gate.failing.push("net:10.0.0.1:1".into());
+    let (release, dials) = (gate.release.clone(), gate.dials.clone());
+    let hub = Hub::new(HubOptions::with_connector(gate));
+    let mut events = hub.listen().unwrap();
+    let mut watch = hub.listen().unwrap();
+    for (address, ok) in [("net:10.0.0.2:1", true), ("net:10.0.0.1:1", false)] {
+        // join_all polls all five at once, so all join before the dial can finish.
+        let callers = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let calls = (0..5).map(|_| hub.connect(address, Object::new()));
+                futures::future::join_all(calls).await
+            })
+        };
+        // Wait until the dial is in progress, then let it finish.
+        assert_eq!(next(&mut watch).await.kind(), "connecting");
+        release.notify_one();
+        let mut ids = Vec::new();
+        for outcome in callers.await.unwrap() {
+            match outcome {
+                Ok(ConnectOutcome::Connected(conn)) => {
+                    assert!(ok);
+                    ids.push(conn.id());
+                }
+                Err(HubError::Undialable(_)) => assert!(!ok),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(next(&mut watch).await.kind().starts_with("connect"));
+        ids.dedup();
+        assert!(ids.len() <= 1, "several connections: {ids:?}");
+    }
+    assert_eq!(dials.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        kinds(&mut events),
+        ["connecting", "connected", "connecting", "connecting-failed"]
+    );
+}
+
+#[tokio::test]
+async fn disconnect_while_connecting_aborts_the_dial() {
+    let gate = Gate::new(true);
+    let hub = Hub::new(HubOptions::with_connector(gate));
+    let mut events = hub.listen().unwrap();
+    let address = "net:10.0.0.3:1";
+    let connecting = {
+        let hub = hub.clone();
+        tokio::spawn(async move { hub.connect(address, Object::new()).await })
+    };
+    assert_eq!(next(&mut events).await.kind(), "connecting");
+    assert!(hub.disconnect(address).await.unwrap());
+    assert!(matches!(connecting.await.unwrap(), Err(HubError::Aborted)));
+    assert_eq!(hub.get_state(address).unwrap(), None);
+    assert_eq!(kinds(&mut events), ["disconnecting", "disconnected"]);
+}
+
+#[tokio::test]
+async fn connect_while_disconnecting_runs_after_with_its_data() {
+    let mut gate = Gate::new(false);
+    let hold = Arc::new(Notify::new());
+    gate.hold_disconnect = Some(hold.clone());
+    let hub = Hub::new(HubOptions::with_connector(gate));
+    let address = "net:10.0.0.4:1";
+    hub.connect(address, Object::new()).await.unwrap();
+    let mut events = hub.listen().unwrap();
+    let disconnecting = {
+        let hub = hub.clone();
+        tokio::spawn(async move { hub.disconnect(address).await })
+    };
+    assert_eq!(next(&mut events).await.kind(), "disconnecting");
+    let mut data = Object::new();
+    data.insert("again", Value::from(true));
+    assert!(matches!(
+        hub.connect(address, data).await.unwrap(),
+        ConnectOutcome::Deferred
+    ));
+    hold.notify_one();
+    assert!(disconnecting.await.unwrap().unwrap());
+    assert_eq!(next(&mut events).await.kind(), "disconnected");
+    assert_eq!(next(&mut events).await.kind(), "connecting");
+    assert_eq!(next(&mut events).await.kind(), "connected");
+    let entry = &hub.entries().unwrap()[0].1;
+    assert_eq!(entry.data.get("again"), Some(&Value::from(true)));
+}
+
+#[tokio::test]
+async fn a_failed_disconnect_restores_the_state() {
+    let mut gate = Gate::new(false);
+    gate.fail_disconnect = true;
+    let hub = Hub::new(HubOptions::with_connector(gate));
+    let address = "net:10.0.0.5:1";
+    hub.connect(address, Object::new()).await.unwrap();
+    let mut events = hub.listen().unwrap();
+    assert!(matches!(
+        hub.disconnect(address).await,
+        Err(HubError::Disconnect(_))
+    ));
+    assert_eq!(hub.get_state(address).unwrap(), Some(HubState::Connected));
+    assert_eq!(
+        kinds(&mut events),
+        ["disconnecting", "disconnecting-failed"]
+    );
+}
+
+#[tokio::test]
+async fn a_peer_going_away_is_reported_once() {
+    let server = example_server();
+    let addr = server
+        .listen("jstp://127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let address = format!("net:{addr}");
+    hub.connect(&address, Object::new()).await.unwrap();
+    let mut events = hub.listen().unwrap();
+    server.shutdown().await;
+    match next(&mut events).await {
+        HubEvent::Disconnected { address: a, .. } => assert_eq!(a, address),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(hub.get_state(&address).unwrap(), None);
+    // Disconnecting what is gone is a no-op, and nothing else was reported.
+    assert!(!hub.disconnect(&address).await.unwrap());
+    assert!(kinds(&mut events).is_empty());
+}
+
+#[tokio::test]
+async fn reset_disconnects_everything_once() {
+    let hub = Hub::new(HubOptions::with_connector(Gate::new(false)));
+    let addresses = ["net:10.0.1.1:1", "net:10.0.1.2:1", "net:10.0.1.3:1"];
+    for a in addresses {
+        hub.connect(a, Object::new()).await.unwrap();
+    }
+    let mut events = hub.listen().unwrap();
+    hub.reset().await.unwrap();
+    assert!(hub.entries().unwrap().is_empty());
+    let mut per_address: HashMap<String, Vec<&str>> = HashMap::new();
+    while let Ok(e) = events.try_recv() {
+        per_address
+            .entry(e.address().to_owned())
+            .or_default()
+            .push(e.kind());
+    }
+    for a in addresses {
+        assert_eq!(per_address[a], ["disconnecting", "disconnected"], "{a}");
+    }
+    // The hub still works after a reset.
+    assert!(matches!(
+        hub.connect(addresses[0], Object::new()).await.unwrap(),
+        ConnectOutcome::Connected(_)
+    ));
+}
+
+#[tokio::test]
+async fn inbound_connections_match_by_key_and_obey_policies() {
+    let gate = Gate::new(true);
+    let server = gate.server.clone();
+    let options = HubOptions::with_connector(gate)
+        .policy(OnePerKey)
+        .policy(MaxConnections(2));
+    let hub = Hub::new(options);
+    let key = PeerKey::parse(KEY).unwrap();
+    let inbound = || async {
+        let (a, b) = memory::pair(8);
+        server.serve_transport(a);
+        connect_transport(b, "testApp", ClientOptions::default())
+            .await
+            .unwrap()
+    };
+    // We are dialling the peer when it dials us: its connection takes the entry.
+    let dialled = format!("net:10.0.2.1:1~shs:{KEY}");
+    let mut events = hub.listen().unwrap();
+    let connecting = {
+        let hub = hub.clone();
+        let dialled = dialled.clone();
+        tokio::spawn(async move { hub.connect(&dialled, Object::new()).await })
+    };
+    assert_eq!(next(&mut events).await.kind(), "connecting");
+    hub.register_inbound("net:10.0.2.1:5555", Some(key), inbound().await)
+        .await
+        .unwrap();
+    assert!(matches!(connecting.await.unwrap(), Err(HubError::Aborted)));
+    let entries = hub.entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, dialled);
+    assert_eq!(entries[0].1.direction, Some(Direction::Inbound));
+    assert!(matches!(
+        next(&mut events).await,
+        HubEvent::Connected {
+            direction: Direction::Inbound,
+            ..
+        }
+    ));
+
+    // Another address of the same key is refused by OnePerKey, inbound or outbound.
+    let refused = inbound().await;
+    let err = hub
+        .register_inbound("net:10.0.2.1:6666", Some(key), refused.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HubError::Refused(_)));
+    refused.closed().await;
+    assert!(matches!(
+        hub.connect(&format!("ws://10.0.2.1:80~shs:{KEY}"), Object::new())
+            .await,
+        Err(HubError::Refused(_))
+    ));
+    // A peer with another key is fine, up to MaxConnections(2).
+    let other = PeerKey::parse(KEY2).unwrap();
+    hub.register_inbound("net:10.0.2.2:1", Some(other), inbound().await)
+        .await
+        .unwrap();
+    assert!(matches!(
+        hub.register_inbound("net:10.0.2.3:1", None, inbound().await)
+            .await,
+        Err(HubError::Refused(_))
+    ));
+    assert_eq!(hub.entries().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_of_200_peers() {
+    let server = example_server();
+    let mut addresses = Vec::new();
+    for _ in 0..200 {
+        let addr = server
+            .listen("jstp://127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        addresses.push(format!("net:{addr}"));
+    }
+    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let mut events = hub.listen().unwrap();
+    let dials = addresses.iter().map(|a| hub.connect(a, Object::new()));
+    let outcomes = futures::future::join_all(dials).await;
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, Ok(ConnectOutcome::Connected(_)))));
+    let entries = hub.entries().unwrap();
+    assert_eq!(entries.len(), 200);
+    assert!(entries.iter().all(|(_, e)| e.state == HubState::Connected));
+    assert_eq!(server.clients().len(), 200);
+    hub.close().await;
+    let seen = Arc::new(Mutex::new(HashMap::<String, Vec<&str>>::new()));
+    while let Ok(e) = events.recv().await {
+        seen.lock()
+            .unwrap()
+            .entry(e.address().to_owned())
+            .or_default()
+            .push(e.kind());
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 200);
+    for (address, kinds) in seen.iter() {
+        assert_eq!(
+            kinds,
+            &["connecting", "connected", "disconnecting", "disconnected"],
+            "{address}"
+        );
+    }
+}
