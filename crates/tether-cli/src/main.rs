@@ -2,6 +2,7 @@
 //! it, listen to its events, and benchmark it.
 
 mod bench;
+mod hub;
 mod json;
 
 use clap::{Args, Parser, Subcommand};
@@ -60,6 +61,8 @@ enum Command {
     },
     /// Measure calls/s over JSTP/TCP and JSTP/WS beside a raw TCP echo, in one process run.
     Bench(bench::BenchArgs),
+    /// Connect to many peers and print the hub's table and events as JSON lines (or a table).
+    Hub(hub::HubArgs),
 }
 
 #[derive(Args, Debug)]
@@ -270,6 +273,14 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await.map_err(Failure::Runtime),
+        Command::Hub(args) => {
+            let stop = StopSignals::install()
+                .map_err(|e| Failure::Runtime(Error::Transport(tether::TransportError::Io(e))))?;
+            hub::run(args, stop.wait()).await.map_err(|e| match e {
+                Error::InvalidArgument(msg) => Failure::Usage(msg),
+                other => Failure::Runtime(other),
+            })
+        }
     }
 }
 
