@@ -79,6 +79,10 @@ struct ServeArgs {
     /// WebSocket listener address (repeatable).
     #[arg(long, value_name = "ADDR")]
     ws: Vec<String>,
+    /// Holochain conductor-protocol WebSocket listener address (repeatable): the example app's
+    /// requests `answer`, `divide`, `say_hi` and a signal per chat message.
+    #[arg(long, value_name = "ADDR")]
+    conductor: Vec<String>,
     /// Secure WebSocket listener address (repeatable); needs --cert and --key.
     #[arg(long, value_name = "ADDR")]
     wss: Vec<String>,
@@ -308,7 +312,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     for a in &args.wss {
         add(&mut endpoints, "wss", format!("wss://{a}"))?;
     }
-    if endpoints.is_empty() {
+    if endpoints.is_empty() && args.conductor.is_empty() {
         add(&mut endpoints, "tcp", "jstp://127.0.0.1:3000".into())?;
         add(&mut endpoints, "ws", "ws://127.0.0.1:8080".into())?;
     }
@@ -362,6 +366,22 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(Error::Transport(tether::TransportError::Io(e))))?;
     let mut ready = serde_json::Map::new();
     ready.insert("ready".into(), json!(true));
+    if !args.conductor.is_empty() {
+        let conductor = tether::example::conductor_server(&chat);
+        for addr in &args.conductor {
+            let bound = conductor
+                .listen(addr)
+                .await
+                .map_err(|e| Failure::Usage(format!("--conductor {addr}: {e}")))?;
+            tracing::info!(%bound, "conductor listening");
+            ready
+                .entry("conductor")
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+                .expect("listener entries are arrays")
+                .push(json!(bound));
+        }
+    }
     for (kind, endpoint) in endpoints {
         let addr = server.listen(endpoint.clone()).await?;
         tracing::info!(%endpoint, %addr, "listening");

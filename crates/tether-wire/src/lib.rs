@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod conductor;
 pub mod error;
 pub mod frame;
 pub mod message;

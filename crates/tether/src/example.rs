@@ -22,7 +22,7 @@
 use crate::app::{Application, Interface};
 use crate::error::RemoteError;
 use crate::server::Server;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use tether_wire::Value;
 
 /// Name of the example application.
@@ -100,10 +100,17 @@ pub fn test_app(chat: ChatHub) -> Application {
         )
 }
 
+/// A chat message listener: called with the user (or null) and the text.
+type ChatListener = Arc<dyn Fn(&Value, &Value) + Send + Sync>;
+
 /// Lets the example app broadcast through the server that hosts it (the app is built before
-/// the server exists).
+/// the server exists), and tells other listeners (the conductor server of `tether serve`)
+/// about chat messages.
 #[derive(Clone, Default)]
-pub struct ChatHub(Arc<OnceLock<Server>>);
+pub struct ChatHub {
+    server: Arc<OnceLock<Server>>,
+    listeners: Arc<Mutex<Vec<ChatListener>>>,
+}
 
 impl ChatHub {
     /// A hub not yet bound to a server.
@@ -113,11 +120,100 @@ impl ChatHub {
 
     /// Binds the hub to its server.
     pub fn bind(&self, server: &Server) {
-        let _ = self.0.set(server.clone());
+        let _ = self.server.set(server.clone());
     }
 
-    /// Broadcasts to every client of the bound server; returns how many got it.
-    pub fn broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
-        self.0.get().map_or(0, |s| s.broadcast(iface, event, args))
+    /// Calls `f(user, text)` for every chat message from now on.
+    pub fn on_message(&self, f: impl Fn(&Value, &Value) + Send + Sync + 'static) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(f));
     }
+
+    /// Broadcasts to every client of the bound server; returns how many got it. A
+    /// `chat.message(user, text)` also goes to the [`ChatHub::on_message`] listeners.
+    pub fn broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
+        if let (("chat", "message"), [user, text]) = ((iface, event), args.as_slice()) {
+            let listeners = self
+                .listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for f in listeners {
+                f(user, text);
+            }
+        }
+        self.server
+            .get()
+            .map_or(0, |s| s.broadcast(iface, event, args))
+    }
+}
+
+fn conductor_value(v: &Value) -> crate::conductor::Value {
+    use crate::conductor::Value as M;
+    match v {
+        Value::Undefined | Value::Null => M::Nil,
+        Value::Bool(b) => M::from(*b),
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 9.007e15 => M::from(*n as i64),
+        Value::Number(n) => M::from(*n),
+        Value::String(s) => M::from(s.as_str()),
+        Value::Array(a) => M::Array(a.iter().map(conductor_value).collect()),
+        Value::Object(o) => M::Map(
+            o.iter()
+                .map(|(k, v)| (M::from(k), conductor_value(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// The example application on the conductor protocol: requests `answer` (→ 42), `divide`
+/// (`{a, b}` → `a / b`; error `internal_error` 'Zero division' when `b` is 0) and `say_hi`
+/// (`{name}` → `'Hi, <name>!'`), and a signal `{type: 'chat', data: {user, text}}` to every
+/// conductor client on each chat message of `chat`.
+pub fn conductor_server(chat: &ChatHub) -> crate::conductor::ConductorServer {
+    use crate::conductor::{ConductorServer, Value as M};
+    fn number(args: &M, key: &str) -> Option<f64> {
+        let (_, v) = args
+            .as_map()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))?;
+        v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))
+    }
+    let bad = |m: &str| ("deserialization".to_owned(), m.to_owned());
+    let server = ConductorServer::builder()
+        .handler("answer", |_| async { Ok(M::from(42)) })
+        .handler("divide", move |args| async move {
+            match (number(&args, "a"), number(&args, "b")) {
+                (Some(a), Some(b)) if b != 0.0 => Ok(M::from(a / b)),
+                (Some(_), Some(_)) => {
+                    Err(("internal_error".to_owned(), "Zero division".to_owned()))
+                }
+                _ => Err(bad("expected {a, b}")),
+            }
+        })
+        .handler("say_hi", move |args| async move {
+            let name = args
+                .as_map()
+                .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("name")))
+                .and_then(|(_, v)| v.as_str().map(str::to_owned))
+                .ok_or_else(|| bad("expected {name}"))?;
+            Ok(M::from(format!("Hi, {name}!")))
+        })
+        .build();
+    let signals = server.clone();
+    chat.on_message(move |user, text| {
+        let payload = M::Map(vec![
+            ("type".into(), "chat".into()),
+            (
+                "data".into(),
+                M::Map(vec![
+                    ("user".into(), conductor_value(user)),
+                    ("text".into(), conductor_value(text)),
+                ]),
+            ),
+        ]);
+        signals.broadcast_signal(&payload);
+    });
+    server
 }

@@ -1,0 +1,66 @@
+//! `tether serve --conductor`: the example app over the conductor protocol, with a signal for
+//! every chat message sent over JSTP.
+
+mod common;
+
+use common::serve;
+use tether::conductor::{ConductorConnection, ConductorError, ConductorOptions, Value};
+use tether::{connect, ClientOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_hosts_the_example_app_on_the_conductor_protocol() {
+    let (_serve, ready) = serve(&["--tcp", "127.0.0.1:0", "--conductor", "127.0.0.1:0"]);
+    let addr = ready["conductor"][0].as_str().unwrap();
+    let conductor = ConductorConnection::new(addr, ConductorOptions::default()).unwrap();
+    conductor.open(None).await.unwrap();
+    let mut signals = conductor.signals();
+    assert_eq!(
+        conductor.request("answer", Value::Nil, None).await.unwrap(),
+        Value::from(42)
+    );
+    let args = |a: i64, b: i64| Value::Map(vec![("a".into(), a.into()), ("b".into(), b.into())]);
+    assert_eq!(
+        conductor
+            .request("divide", args(20, 10), None)
+            .await
+            .unwrap(),
+        Value::from(2.0)
+    );
+    match conductor.request("divide", args(1, 0), None).await {
+        Err(ConductorError::Remote { kind, message }) => {
+            assert_eq!(
+                (kind.as_str(), message.as_str()),
+                ("internal_error", "Zero division")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let name = Value::Map(vec![("name".into(), "Rust".into())]);
+    assert_eq!(
+        conductor.request("say_hi", name, None).await.unwrap(),
+        Value::from("Hi, Rust!")
+    );
+
+    // A chat message over JSTP becomes a conductor signal.
+    let url = format!("jstp://{}", ready["tcp"][0].as_str().unwrap());
+    let jstp = connect(&url, "testApp", ClientOptions::default())
+        .await
+        .unwrap();
+    jstp.call("chat", "send", vec!["hello".into()])
+        .await
+        .unwrap();
+    let signal = signals.recv().await.unwrap();
+    let expected = Value::Map(vec![
+        ("type".into(), "chat".into()),
+        (
+            "data".into(),
+            Value::Map(vec![
+                ("user".into(), Value::Nil),
+                ("text".into(), "hello".into()),
+            ]),
+        ),
+    ]);
+    assert_eq!(signal, expected);
+    jstp.close().await;
+    assert_eq!(conductor.close(None).await.unwrap(), 1000);
+}
