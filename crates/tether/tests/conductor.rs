@@ -268,3 +268,41 @@ async fn bad_input_closes_only_that_connection() {
     }
     assert_eq!(server.clients().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_websocket_and_raw_sends() {
+    let server = our_server();
+    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    let mut events = server.events();
+    let sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}"), sock)
+        .await
+        .unwrap();
+    let conn = ConductorConnection::from_websocket(ws, ConductorOptions::default());
+    conn.open(None).await.unwrap();
+    assert_eq!(
+        conn.request("answer", Value::Nil, None).await.unwrap(),
+        Value::from(42)
+    );
+    // A signal from a client is not part of the protocol: dropped, reported, connection kept.
+    conn.send(tether::conductor::MessageKind::Signal, "psst".into(), None)
+        .await
+        .unwrap();
+    loop {
+        if let ConductorServerEvent::BadInput { closed, .. } = events.recv().await.unwrap() {
+            assert!(!closed);
+            break;
+        }
+    }
+    // Requests and responses need an id.
+    assert!(matches!(
+        conn.send(tether::conductor::MessageKind::Request, Value::Nil, None)
+            .await,
+        Err(ConductorError::Wire(_))
+    ));
+    assert_eq!(
+        conn.request("answer", Value::Nil, None).await.unwrap(),
+        Value::from(42)
+    );
+    assert_eq!(conn.close(None).await.unwrap(), 1000);
+}
