@@ -39,6 +39,7 @@ pub mod conductor;
 pub mod connection;
 pub mod error;
 pub mod example;
+pub mod http;
 pub mod hub;
 pub mod memory;
 pub mod reconnect;

@@ -1,0 +1,70 @@
+-- Lua peer for tether's HTTP interop tests, on Debian's lua-http (Lua 5.3).
+--
+-- SERVER  lua5.3 http-peer.lua server
+--   Listens on 127.0.0.1 (ephemeral port) for HTTP/1.1 and HTTP/2 (prior knowledge) and
+--   prints {"ready":true,"port":N}. Every request is answered 200 with header
+--   x-peer: lua-http and body "lua <method> <path> <request body>".
+--
+-- CLIENT  lua5.3 http-peer.lua client URL VERSION COUNT
+--   Makes COUNT POST requests (body "hello <i>") to URL with HTTP VERSION (1.1 or 2), and
+--   prints one JSON line per response: {"status":S,"version":V,"body":B,"peer":P}.
+--   Fatal errors print {"fatal":MESSAGE} and exit 1.
+
+local http_server = require "http.server"
+local http_headers = require "http.headers"
+local http_request = require "http.request"
+
+local function json_string(s)
+  return '"' .. tostring(s):gsub('[%c"\\]', function(c)
+    return string.format("\\u%04x", c:byte())
+  end) .. '"'
+end
+
+local mode = arg[1]
+
+if mode == "server" then
+  local server = assert(http_server.listen {
+    host = "127.0.0.1",
+    port = 0,
+    onstream = function(_, stream)
+      local req = assert(stream:get_headers())
+      local body = stream:get_body_as_string() or ""
+      local res = http_headers.new()
+      res:append(":status", "200")
+      res:append("content-type", "text/plain")
+      res:append("x-peer", "lua-http")
+      assert(stream:write_headers(res, false))
+      assert(stream:write_chunk(string.format("lua %s %s %s",
+        req:get(":method"), req:get(":path"), body), true))
+    end,
+    onerror = function(_, context, op, err)
+      io.stderr:write(string.format("lua server error: %s %s %s\n", tostring(context), tostring(op), tostring(err)))
+    end,
+  })
+  assert(server:listen())
+  local _, _, port = server:localname()
+  io.stdout:write(string.format('{"ready":true,"port":%d}\n', port))
+  io.stdout:flush()
+  assert(server:loop())
+elseif mode == "client" then
+  local url, version, count = arg[2], tonumber(arg[3] or "1.1"), tonumber(arg[4] or "1")
+  for i = 1, count do
+    local req = http_request.new_from_uri(url)
+    req.version = version
+    req.headers:upsert(":method", "POST")
+    req:set_body("hello " .. i)
+    local headers, stream = req:go(10)
+    if not headers then
+      io.stdout:write('{"fatal":' .. json_string(stream) .. '}\n')
+      os.exit(1)
+    end
+    local body = assert(stream:get_body_as_string())
+    io.stdout:write(string.format('{"status":%s,"version":%s,"body":%s,"peer":%s}\n',
+      headers:get(":status"), json_string(stream.connection.version), json_string(body),
+      json_string(headers:get("x-peer") or "")))
+    io.stdout:flush()
+  end
+else
+  io.stderr:write("usage: lua5.3 http-peer.lua server | client URL VERSION COUNT\n")
+  os.exit(2)
+end
