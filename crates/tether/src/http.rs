@@ -37,6 +37,7 @@ use futures::future::BoxFuture;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{HeaderMap, Request, Response};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -766,6 +767,21 @@ impl ClientStream {
         self.incoming.trailers.as_ref()
     }
 
+    /// The (rest of the) response body as a stream of chunks, each read within `timeout`.
+    pub fn body_chunks(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> impl futures::Stream<Item = Result<Bytes, HttpError>> + '_ {
+        futures::stream::unfold(Some(self), move |stream| async move {
+            let stream = stream?;
+            match stream.get_next_chunk(timeout).await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(stream))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+
     /// Ends our side (an open request body ends without trailers).
     pub fn shutdown(&mut self) {
         self.body = None;
@@ -905,6 +921,21 @@ impl ServerStream {
         self.incoming.trailers.as_ref()
     }
 
+    /// The (rest of the) request body as a stream of chunks, each read within `timeout`.
+    pub fn body_chunks(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> impl futures::Stream<Item = Result<Bytes, HttpError>> + '_ {
+        futures::stream::unfold(Some(self), move |stream| async move {
+            let stream = stream?;
+            match stream.get_next_chunk(timeout).await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(stream))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+
     /// Sends the response head; with `end_stream` there is no body.
     pub async fn write_headers(
         &mut self,
@@ -973,6 +1004,59 @@ pub struct HttpServer {
 impl std::fmt::Debug for HttpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpServer").finish_non_exhaustive()
+    }
+}
+
+/// One server-side connection whose streams the caller takes one by one (lua-http's
+/// `get_next_incoming_stream`), instead of an `on_stream` handler.
+pub struct ServerConnection {
+    streams: mpsc::Receiver<ServerStream>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ServerConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConnection").finish_non_exhaustive()
+    }
+}
+
+impl ServerConnection {
+    /// Serves HTTP/1.1 or HTTP/2 (detected) on `io` with `options` (its `on_stream` is not
+    /// used).
+    pub fn new(
+        io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        mut options: ServerOptions,
+    ) -> ServerConnection {
+        let (tx, streams) = mpsc::channel(options.max_concurrent.max(1));
+        options.on_stream = Arc::new(move |stream| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                tx.send(stream)
+                    .await
+                    .map_err(|_| HttpError::Closed("no one takes streams".into()))
+            })
+        });
+        let server = HttpServer::new(options);
+        let task = tokio::spawn(async move { server.serve_io(io, None).await });
+        ServerConnection { streams, task }
+    }
+
+    /// Always [`Role::Server`].
+    pub fn role(&self) -> Role {
+        Role::Server
+    }
+
+    /// The next request; `Ok(None)` once the connection has ended (EOF or GOAWAY).
+    pub async fn next_incoming_stream(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ServerStream>, HttpError> {
+        within(timeout, async { Ok(self.streams.recv().await) }).await
+    }
+
+    /// Ends the connection now.
+    pub fn close(&self) {
+        self.task.abort();
     }
 }
 
@@ -1146,5 +1230,128 @@ impl HttpServer {
         if let Some(g) = graceful {
             g.shutdown().await;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small client with a connection pool
+
+/// A whole response, as [`HttpClient::request`] returns it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The version the connection used.
+    pub version: HttpVersion,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Requests with pooled connections: an HTTP/1.1 connection returns to the pool when its
+/// exchange is done and is reused by the next request to the same origin; an HTTP/2
+/// connection is shared by concurrent requests.
+#[derive(Clone, Default)]
+pub struct HttpClient {
+    options: ConnectOptions,
+    timeout: Option<Duration>,
+    pool: Arc<Mutex<HashMap<String, Vec<HttpConnection>>>>,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("pooled", &self.pooled())
+            .finish()
+    }
+}
+
+impl HttpClient {
+    /// A client connecting with `options`; `timeout` bounds connecting and each whole request.
+    pub fn new(options: ConnectOptions, timeout: Option<Duration>) -> Self {
+        HttpClient {
+            options,
+            timeout,
+            pool: Arc::default(),
+        }
+    }
+
+    /// How many idle or shared connections the pool holds.
+    pub fn pooled(&self) -> usize {
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|v| v.iter().filter(|c| !c.is_closed()).count())
+            .sum()
+    }
+
+    fn checkout(&self, origin: &str) -> Option<HttpConnection> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = pool.get_mut(origin)?;
+        conns.retain(|c| !c.is_closed());
+        if let Some(h2) = conns.iter().find(|c| c.version() == HttpVersion::Http2) {
+            return Some(h2.clone());
+        }
+        conns.pop()
+    }
+
+    fn checkin(&self, origin: &str, conn: HttpConnection) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = pool.entry(origin.to_owned()).or_default();
+        if !conns.iter().any(|c| Arc::ptr_eq(&c.shared, &conn.shared)) {
+            conns.push(conn);
+        }
+    }
+
+    /// Sends `method url` with `headers` and an optional body; returns the whole response.
+    pub async fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+    ) -> Result<HttpResponse, HttpError> {
+        let parsed = url::Url::parse(url).map_err(|e| HttpError::Invalid(format!("{url}: {e}")))?;
+        let origin = format!("{}://{}", parsed.scheme(), authority_of(&parsed));
+        let path = match parsed.query() {
+            Some(q) => format!("{}?{q}", parsed.path()),
+            None => parsed.path().to_owned(),
+        };
+        within(self.timeout, async {
+            let conn = match self.checkout(&origin) {
+                Some(c) => c,
+                None => HttpConnection::connect(&origin, self.options.clone(), None).await?,
+            };
+            if conn.version() == HttpVersion::Http2 {
+                // Shared: back in the pool at once for concurrent requests.
+                self.checkin(&origin, conn.clone());
+            }
+            let mut stream = conn.new_stream()?;
+            match body {
+                Some(b) => {
+                    stream.write_headers(method, &path, headers, false).await?;
+                    stream.write_chunk(b, true).await?;
+                }
+                None => stream.write_headers(method, &path, headers, true).await?,
+            }
+            let head = stream.get_headers(None).await?;
+            let body = stream.get_body_as_bytes(None).await?;
+            drop(stream);
+            if conn.version() != HttpVersion::Http2 {
+                self.checkin(&origin, conn);
+            }
+            Ok(HttpResponse {
+                status: head.status,
+                headers: head.headers,
+                version: head.version,
+                body,
+            })
+        })
+        .await
     }
 }

@@ -3,6 +3,7 @@
 //! requests, and interop with Debian's lua-http (both ways) and curl.
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::Value as Json;
 use std::path::Path;
 use std::process::Stdio;
@@ -10,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tether::http::{
-    ConnectOptions, HttpConnection, HttpError, HttpServer, HttpVersion, ServerOptions,
-    ServerStream, TlsMode,
+    ConnectOptions, HttpClient, HttpConnection, HttpError, HttpServer, HttpVersion,
+    ServerConnection, ServerOptions, ServerStream, TlsMode,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
@@ -428,5 +429,111 @@ async fn our_client_against_a_lua_http_server() {
             assert_eq!(body, format!("lua PUT /item/{i} v{i}"));
         }
         conn.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_http_over_tls_negotiates_http2() {
+    let server = HttpServer::new(ServerOptions::new(echo).tls(TlsMode::Required(tls_config())));
+    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    for version in ["1.1", "2"] {
+        let mut child = lua(&["client", &format!("https://{addr}/tls"), version, "2"]);
+        let responses = lines(&mut child).await;
+        assert_eq!(responses.len(), 2, "{version}: {responses:?}");
+        for r in &responses {
+            assert_eq!(r["status"], 200);
+            assert_eq!(r["version"], version);
+            assert_eq!(r["peer"], "tether");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pooled_client_reuses_http1_and_shares_http2_connections() {
+    let peers = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let p = peers.clone();
+    let server = HttpServer::new(ServerOptions::new(move |mut stream: ServerStream| {
+        p.lock().unwrap().insert(stream.peer_addr());
+        async move {
+            stream.write_headers(200, &[], false).await?;
+            stream.write_chunk("pooled".into(), true).await
+        }
+    }));
+    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    let h1 = HttpClient::new(ConnectOptions::default(), Some(Duration::from_secs(10)));
+    for _ in 0..5 {
+        let r = h1
+            .request("GET", &format!("http://{addr}/a?b=1"), &[], None)
+            .await
+            .unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"pooled"[..]));
+        assert_eq!(r.version, HttpVersion::Http11);
+    }
+    assert_eq!(h1.pooled(), 1);
+    assert_eq!(
+        peers.lock().unwrap().len(),
+        1,
+        "sequential HTTP/1.1 requests reuse one connection"
+    );
+
+    peers.lock().unwrap().clear();
+    let opts = ConnectOptions {
+        http2: true,
+        ..Default::default()
+    };
+    let h2 = HttpClient::new(opts, Some(Duration::from_secs(10)));
+    // The first request opens the connection; the rest share it concurrently.
+    h2.request("GET", &format!("http://{addr}/"), &[], None)
+        .await
+        .unwrap();
+    let url = format!("http://{addr}/");
+    let all =
+        futures::future::join_all((0..10).map(|_| h2.request("POST", &url, &[], Some("x".into()))))
+            .await;
+    assert!(all
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.version == HttpVersion::Http2)));
+    assert_eq!(h2.pooled(), 1);
+    assert_eq!(
+        peers.lock().unwrap().len(),
+        1,
+        "HTTP/2 requests share one connection"
+    );
+}
+
+#[tokio::test]
+async fn next_incoming_stream_and_body_streams() {
+    for http2 in [false, true] {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut server = ServerConnection::new(a, ServerOptions::new(|_| async { Ok(()) }));
+        let conn = HttpConnection::over(b, http2).await.unwrap();
+        let client = tokio::spawn(async move {
+            let mut s = conn.new_stream().unwrap();
+            s.write_headers("POST", "/take", &[], false).await.unwrap();
+            for part in ["x", "y", "z"] {
+                s.write_chunk(part.into(), false).await.unwrap();
+            }
+            s.write_chunk(Bytes::new(), true).await.unwrap();
+            assert_eq!(s.get_headers(None).await.unwrap().status, 201);
+            let chunks: Vec<Bytes> = s.body_chunks(None).map(|c| c.unwrap()).collect().await;
+            (chunks.concat(), conn)
+        });
+        let mut stream = server.next_incoming_stream(None).await.unwrap().unwrap();
+        assert_eq!(stream.get_headers().path, "/take");
+        let body: Vec<Bytes> = stream.body_chunks(None).map(|c| c.unwrap()).collect().await;
+        assert_eq!(body.concat(), b"xyz");
+        stream.write_headers(201, &[], false).await.unwrap();
+        stream.write_chunk("a".into(), false).await.unwrap();
+        stream.write_chunk("b".into(), true).await.unwrap();
+        let (got, conn) = client.await.unwrap();
+        assert_eq!(got, b"ab");
+        // After the client goes away, the server sees the end.
+        conn.close();
+        drop(conn);
+        assert!(server
+            .next_incoming_stream(Some(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .is_none());
     }
 }
