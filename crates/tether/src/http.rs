@@ -363,6 +363,19 @@ impl HttpConnection {
         Self::handshake(tls, h2, authority_of(&parsed), local, peer, Some(info)).await
     }
 
+    /// Connects over the Unix socket at `path` (HTTP/1.1, or HTTP/2 by prior knowledge).
+    pub async fn connect_unix(
+        path: impl AsRef<std::path::Path>,
+        http2: bool,
+    ) -> Result<HttpConnection, HttpError> {
+        let path = path.as_ref();
+        let io = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| HttpError::Connect(format!("{}: {e}", path.display())))?;
+        let name = path.display().to_string();
+        Self::handshake(io, http2, "localhost".into(), None, Some(name), None).await
+    }
+
     /// A client connection over any byte stream (in-memory duplex, Unix socket, …).
     pub async fn over(
         io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -1099,6 +1112,30 @@ impl HttpServer {
             }
         });
         Ok(local)
+    }
+
+    /// Listens on a Unix socket at `path` (replacing a stale socket file).
+    pub async fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> Result<(), HttpError> {
+        let path = path.as_ref().to_owned();
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| HttpError::Connect(format!("{}: {e}", path.display())))?;
+        let server = self.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    accepted = listener.accept() => {
+                        let Ok((io, _)) = accepted else { continue };
+                        let server = server.clone();
+                        let peer = Some(path.display().to_string());
+                        tokio::spawn(async move { server.serve_io(io, peer).await });
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     fn error(&self, e: HttpError) {

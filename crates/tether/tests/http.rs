@@ -537,3 +537,46 @@ async fn next_incoming_stream_and_body_streams() {
             .is_none());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_sockets_and_a_reset_stream_leave_the_connection_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("http.sock");
+    let (reset_tx, mut reset_rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = HttpServer::new(ServerOptions::new(move |mut stream: ServerStream| {
+        let reset_tx = reset_tx.clone();
+        async move {
+            stream.write_headers(200, &[], false).await?;
+            if stream.get_headers().path == "/endless" {
+                // Until the client resets the stream.
+                loop {
+                    if let Err(e) = stream
+                        .write_chunk(Bytes::from(vec![b'x'; 1024]), false)
+                        .await
+                    {
+                        let _ = reset_tx.send(e);
+                        return Ok(());
+                    }
+                }
+            }
+            stream.write_chunk("short".into(), true).await
+        }
+    }));
+    server.listen_unix(&sock).await.unwrap();
+    let conn = HttpConnection::connect_unix(&sock, true).await.unwrap();
+    assert_eq!(conn.peer_addr().as_deref(), sock.to_str());
+    let mut endless = conn.new_stream().unwrap();
+    endless
+        .write_headers("GET", "/endless", &[], true)
+        .await
+        .unwrap();
+    assert!(endless.get_next_chunk(None).await.unwrap().is_some());
+    drop(endless); // resets the HTTP/2 stream
+    assert!(matches!(reset_rx.recv().await, Some(HttpError::Closed(_))));
+    let mut short = conn.new_stream().unwrap();
+    short
+        .write_headers("GET", "/short", &[], true)
+        .await
+        .unwrap();
+    assert_eq!(short.get_body_as_string(None).await.unwrap(), "short");
+}
