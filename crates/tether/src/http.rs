@@ -270,14 +270,15 @@ enum Sender {
 type IdleHandler = Arc<dyn Fn() + Send + Sync>;
 
 struct ClientShared {
-    sender: tokio::sync::Mutex<Sender>,
+    /// `None` after `shutdown` gave it up.
+    sender: tokio::sync::Mutex<Option<Sender>>,
     /// `host[:port]` for the Host header and HTTP/2's :authority.
     authority: String,
     version: HttpVersion,
     local: Option<String>,
     peer: Option<String>,
     tls: Option<TlsInfo>,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     active: AtomicUsize,
     idle_tx: watch::Sender<u64>,
     on_idle: Mutex<Option<IdleHandler>>,
@@ -414,13 +415,13 @@ impl HttpConnection {
         };
         Ok(HttpConnection {
             shared: Arc::new(ClientShared {
-                sender: tokio::sync::Mutex::new(sender),
+                sender: tokio::sync::Mutex::new(Some(sender)),
                 authority,
                 version,
                 local,
                 peer,
                 tls,
-                task: Mutex::new(Some(task.abort_handle())),
+                task: Mutex::new(Some(task)),
                 active: AtomicUsize::new(0),
                 idle_tx: watch::channel(0).0,
                 on_idle: Mutex::new(None),
@@ -487,9 +488,10 @@ impl HttpConnection {
     pub async fn flush(&self, timeout: Option<Duration>) -> Result<(), HttpError> {
         within(timeout, async {
             let mut sender = self.shared.sender.lock().await;
-            match &mut *sender {
-                Sender::H1(s) => s.ready().await.map_err(HttpError::from),
-                Sender::H2(s) => s.ready().await.map_err(HttpError::from),
+            match sender.as_mut() {
+                Some(Sender::H1(s)) => s.ready().await.map_err(HttpError::from),
+                Some(Sender::H2(s)) => s.ready().await.map_err(HttpError::from),
+                None => Err(HttpError::Closed("connection shut down".into())),
             }
         })
         .await
@@ -543,10 +545,27 @@ impl HttpConnection {
         }
     }
 
-    /// Orderly shutdown: waits for open streams to finish, then closes.
+    /// Orderly shutdown: waits for open streams to finish, then lets hyper end the connection
+    /// (on HTTP/2 a GOAWAY, on HTTP/1.1 the connection closes after the last exchange), and
+    /// waits for that (at most 5 s, then it is closed).
     pub async fn shutdown(&self) {
         self.idle().await;
-        self.close();
+        self.shared.sender.lock().await.take();
+        let task = self
+            .shared
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
     }
 }
 
@@ -641,23 +660,23 @@ impl ClientStream {
         tokio::spawn(async move {
             let result = async {
                 let mut sender = shared.sender.lock().await;
-                match &mut *sender {
-                    Sender::H1(s) => {
+                match sender.as_mut() {
+                    Some(Sender::H1(s)) => {
                         s.ready().await?;
                         let fut = s.send_request(request);
                         drop(sender);
-                        fut.await
+                        Ok(fut.await?)
                     }
-                    Sender::H2(s) => {
+                    Some(Sender::H2(s)) => {
                         s.ready().await?;
                         let fut = s.send_request(request);
                         drop(sender);
-                        fut.await
+                        Ok(fut.await?)
                     }
+                    None => Err(HttpError::Closed("connection shut down".into())),
                 }
             }
-            .await
-            .map_err(HttpError::from);
+            .await;
             let _ = tx.send(result);
         });
         Ok(())

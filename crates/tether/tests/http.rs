@@ -527,9 +527,10 @@ async fn next_incoming_stream_and_body_streams() {
         stream.write_chunk("b".into(), true).await.unwrap();
         let (got, conn) = client.await.unwrap();
         assert_eq!(got, b"ab");
-        // After the client goes away, the server sees the end.
-        conn.close();
-        drop(conn);
+        // An orderly client shutdown (GOAWAY on HTTP/2) ends the server's stream of streams.
+        conn.shutdown().await;
+        assert!(conn.is_closed());
+        assert!(conn.new_stream().is_err());
         assert!(server
             .next_incoming_stream(Some(Duration::from_secs(10)))
             .await
