@@ -225,6 +225,59 @@ impl Incoming2 {
     }
 }
 
+/// The read side both kinds of stream share: the next body chunk within a timeout.
+trait ReadChunks {
+    fn chunk_within(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Option<Bytes>, HttpError>> + Send + '_;
+}
+
+/// A stream's (remaining) body as a `futures::Stream` of chunks.
+fn chunk_stream<R: ReadChunks + Send>(
+    reader: &mut R,
+    timeout: Option<Duration>,
+) -> impl futures::Stream<Item = Result<Bytes, HttpError>> + '_ {
+    futures::stream::unfold(Some(reader), move |reader| async move {
+        let reader = reader?;
+        match reader.chunk_within(timeout).await {
+            Ok(Some(chunk)) => Some((Ok(chunk), Some(reader))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+fn utf8(bytes: Bytes) -> Result<String, HttpError> {
+    String::from_utf8(bytes.to_vec()).map_err(|e| HttpError::Invalid(e.to_string()))
+}
+
+/// The write side both kinds of stream share: an open body, or none.
+#[derive(Default)]
+struct Outgoing(Option<FrameSender>);
+
+impl Outgoing {
+    async fn chunk(&mut self, chunk: Bytes, end_stream: bool) -> Result<(), HttpError> {
+        let tx = self.0.as_ref().ok_or(HttpError::State("no open body"))?;
+        if !chunk.is_empty() {
+            tx.send(Frame::data(chunk))
+                .await
+                .map_err(|_| HttpError::Closed("the body's reader went away".into()))?;
+        }
+        if end_stream {
+            self.0 = None;
+        }
+        Ok(())
+    }
+
+    async fn trailers(&mut self, trailers: &[(&str, &str)]) -> Result<(), HttpError> {
+        let tx = self.0.take().ok_or(HttpError::State("no open body"))?;
+        tx.send(Frame::trailers(header_map(trailers)?))
+            .await
+            .map_err(|_| HttpError::Closed("the body's reader went away".into()))
+    }
+}
+
 /// The head of a response, as a client reads it.
 #[derive(Debug, Clone)]
 pub struct ResponseHead {
@@ -462,7 +515,7 @@ impl HttpConnection {
         self.shared.active.fetch_add(1, Ordering::SeqCst);
         Ok(ClientStream {
             conn: self.clone(),
-            body: None,
+            body: Outgoing(None),
             response: None,
             head: None,
             incoming: Incoming2 {
@@ -572,7 +625,7 @@ impl HttpConnection {
 /// One request/response exchange on a client connection.
 pub struct ClientStream {
     conn: HttpConnection,
-    body: Option<FrameSender>,
+    body: Outgoing,
     response: Option<oneshot::Receiver<Result<Response<Incoming>, HttpError>>>,
     head: Option<ResponseHead>,
     incoming: Incoming2,
@@ -593,6 +646,15 @@ impl Drop for ClientStream {
             self.done = true;
             self.conn.stream_done();
         }
+    }
+}
+
+impl ReadChunks for ClientStream {
+    fn chunk_within(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Option<Bytes>, HttpError>> + Send + '_ {
+        self.get_next_chunk(timeout)
     }
 }
 
@@ -637,7 +699,7 @@ impl ClientStream {
             builder.body(empty_body())
         } else {
             let (tx, body) = channel_body(16);
-            self.body = Some(tx);
+            self.body = Outgoing(Some(tx));
             builder.body(body)
         }
         .map_err(|e| HttpError::Invalid(e.to_string()))?;
@@ -684,19 +746,7 @@ impl ClientStream {
 
     /// Sends a body chunk; with `end_stream` the body ends.
     pub async fn write_chunk(&mut self, chunk: Bytes, end_stream: bool) -> Result<(), HttpError> {
-        let tx = self
-            .body
-            .as_ref()
-            .ok_or(HttpError::State("no open request body"))?;
-        if !chunk.is_empty() {
-            tx.send(Frame::data(chunk))
-                .await
-                .map_err(|_| HttpError::Closed("request body".into()))?;
-        }
-        if end_stream {
-            self.body = None;
-        }
-        Ok(())
+        self.body.chunk(chunk, end_stream).await
     }
 
     /// Sends the body from a reader, then ends it.
@@ -721,13 +771,7 @@ impl ClientStream {
 
     /// Sends trailers and ends the body.
     pub async fn write_trailers(&mut self, trailers: &[(&str, &str)]) -> Result<(), HttpError> {
-        let tx = self
-            .body
-            .take()
-            .ok_or(HttpError::State("no open request body"))?;
-        tx.send(Frame::trailers(header_map(trailers)?))
-            .await
-            .map_err(|_| HttpError::Closed("request body".into()))
+        self.body.trailers(trailers).await
     }
 
     /// The response head (waits for it).
@@ -790,8 +834,7 @@ impl ClientStream {
         &mut self,
         timeout: Option<Duration>,
     ) -> Result<String, HttpError> {
-        let bytes = self.get_body_as_bytes(timeout).await?;
-        String::from_utf8(bytes.to_vec()).map_err(|e| HttpError::Invalid(e.to_string()))
+        utf8(self.get_body_as_bytes(timeout).await?)
     }
 
     /// The response trailers, once the body was read to its end.
@@ -804,19 +847,12 @@ impl ClientStream {
         &mut self,
         timeout: Option<Duration>,
     ) -> impl futures::Stream<Item = Result<Bytes, HttpError>> + '_ {
-        futures::stream::unfold(Some(self), move |stream| async move {
-            let stream = stream?;
-            match stream.get_next_chunk(timeout).await {
-                Ok(Some(chunk)) => Some((Ok(chunk), Some(stream))),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), None)),
-            }
-        })
+        chunk_stream(self, timeout)
     }
 
     /// Ends our side (an open request body ends without trailers).
     pub fn shutdown(&mut self) {
-        self.body = None;
+        self.body = Outgoing(None);
         self.finish();
     }
 
@@ -900,7 +936,7 @@ pub struct ServerStream {
     head: RequestHead,
     incoming: Incoming2,
     response: Option<oneshot::Sender<Response<Body>>>,
-    body: Option<FrameSender>,
+    body: Outgoing,
     peer: Option<String>,
 }
 
@@ -909,6 +945,15 @@ impl std::fmt::Debug for ServerStream {
         f.debug_struct("ServerStream")
             .field("head", &self.head)
             .finish()
+    }
+}
+
+impl ReadChunks for ServerStream {
+    fn chunk_within(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Option<Bytes>, HttpError>> + Send + '_ {
+        self.get_next_chunk(timeout)
     }
 }
 
@@ -944,8 +989,7 @@ impl ServerStream {
         &mut self,
         timeout: Option<Duration>,
     ) -> Result<String, HttpError> {
-        let bytes = self.get_body_as_bytes(timeout).await?;
-        String::from_utf8(bytes.to_vec()).map_err(|e| HttpError::Invalid(e.to_string()))
+        utf8(self.get_body_as_bytes(timeout).await?)
     }
 
     /// The request trailers, once the body was read to its end.
@@ -958,14 +1002,7 @@ impl ServerStream {
         &mut self,
         timeout: Option<Duration>,
     ) -> impl futures::Stream<Item = Result<Bytes, HttpError>> + '_ {
-        futures::stream::unfold(Some(self), move |stream| async move {
-            let stream = stream?;
-            match stream.get_next_chunk(timeout).await {
-                Ok(Some(chunk)) => Some((Ok(chunk), Some(stream))),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), None)),
-            }
-        })
+        chunk_stream(self, timeout)
     }
 
     /// Sends the response head; with `end_stream` there is no body.
@@ -983,7 +1020,7 @@ impl ServerStream {
             empty_body()
         } else {
             let (ftx, body) = channel_body(16);
-            self.body = Some(ftx);
+            self.body = Outgoing(Some(ftx));
             body
         };
         let mut response = Response::builder()
@@ -997,30 +1034,12 @@ impl ServerStream {
 
     /// Sends a body chunk; with `end_stream` the body ends.
     pub async fn write_chunk(&mut self, chunk: Bytes, end_stream: bool) -> Result<(), HttpError> {
-        let tx = self
-            .body
-            .as_ref()
-            .ok_or(HttpError::State("no open response body"))?;
-        if !chunk.is_empty() {
-            tx.send(Frame::data(chunk))
-                .await
-                .map_err(|_| HttpError::Closed("response body".into()))?;
-        }
-        if end_stream {
-            self.body = None;
-        }
-        Ok(())
+        self.body.chunk(chunk, end_stream).await
     }
 
     /// Sends trailers and ends the body.
     pub async fn write_trailers(&mut self, trailers: &[(&str, &str)]) -> Result<(), HttpError> {
-        let tx = self
-            .body
-            .take()
-            .ok_or(HttpError::State("no open response body"))?;
-        tx.send(Frame::trailers(header_map(trailers)?))
-            .await
-            .map_err(|_| HttpError::Closed("response body".into()))
+        self.body.trailers(trailers).await
     }
 }
 
@@ -1255,7 +1274,7 @@ impl HttpServer {
                 trailers: None,
             },
             response: Some(tx),
-            body: None,
+            body: Outgoing(None),
             peer,
         };
         let handler = self.options.on_stream.clone();
