@@ -4,7 +4,7 @@
 #[path = "../fuzz/src/lib.rs"]
 mod bodies;
 
-use bodies::{framer_body, parse_body};
+use bodies::{conductor_body, framer_body, parse_body};
 
 /// xorshift64*: deterministic, so a failure reproduces.
 struct Rng(u64);
@@ -176,5 +176,33 @@ fn framer_target_body() {
         data.extend_from_slice(&input[..rng.below(input.len() + 1)]);
         framer_body(&data);
         framer_body(&input);
+    }
+}
+
+#[test]
+fn conductor_target_body() {
+    let mut rng = Rng(0x5eed_c0de);
+    // Valid envelopes, then mutations of them, then noise.
+    let seeds: Vec<Vec<u8>> = [
+        tether_wire::conductor::WireMessage::Request {
+            id: 7,
+            data: tether_wire::conductor::request_payload("answer", 1.into()),
+        },
+        tether_wire::conductor::WireMessage::Response { id: 7, data: None },
+        tether_wire::conductor::WireMessage::Signal {
+            data: tether_wire::conductor::error_payload("internal_error", "x"),
+        },
+    ]
+    .iter()
+    .map(|m| m.encode())
+    .collect();
+    for seed in &seeds {
+        conductor_body(seed);
+        for _ in 0..1000 {
+            conductor_body(&mutate(&mut rng, seed));
+        }
+    }
+    for _ in 0..1000 {
+        conductor_body(&random_bytes(&mut rng));
     }
 }

@@ -149,3 +149,26 @@ pub fn framer_body(data: &[u8]) {
     let chunked = frame(max, &mut chunked_input);
     assert_eq!(whole, chunked, "framing depends on chunking");
 }
+
+/// Any bytes → the conductor envelope decoder; whatever decodes must re-encode to an envelope
+/// that decodes to the same message, and payload splitting must never panic.
+pub fn conductor_body(data: &[u8]) {
+    use tether_wire::conductor::{split_payload, WireMessage};
+    let _ = split_payload(data);
+    let Ok(msg) = WireMessage::decode(data) else {
+        return;
+    };
+    let again = WireMessage::decode(&msg.encode())
+        .unwrap_or_else(|e| panic!("{msg:?} re-encodes to an unreadable envelope: {e}"));
+    assert_eq!(again, msg);
+    match &msg {
+        WireMessage::Signal { data } | WireMessage::Request { data, .. } => {
+            let _ = split_payload(data);
+        }
+        WireMessage::Response { data, .. } => {
+            if let Some(d) = data {
+                let _ = split_payload(d);
+            }
+        }
+    }
+}
