@@ -14,7 +14,7 @@ use crate::transport::{
     TransportInfo,
 };
 use futures::future::BoxFuture;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1508,10 +1508,13 @@ impl Driver {
                     Ok(fut) => {
                         let tx = self.conn.shared.cmd_tx.clone();
                         tokio::spawn(async move {
-                            let result = match tokio::spawn(fut).await {
+                            // A panicking method answers 16 instead of taking the connection
+                            // (or the process) down; catching it in place saves a task per call.
+                            let result = match std::panic::AssertUnwindSafe(fut)
+                                .catch_unwind()
+                                .await
+                            {
                                 Ok(r) => r,
-                                // A panicking method answers 16 instead of taking the
-                                // connection (or the process) down.
                                 Err(_) => Err(RemoteErrorArray::code(ErrorCode::InternalApiError)),
                             };
                             let _ = tx.send(Command::Reply { id, result }).await;

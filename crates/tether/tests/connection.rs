@@ -662,3 +662,27 @@ async fn chat_send_broadcasts_with_username() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_panicking_method_answers_16_and_the_connection_lives() {
+    let app = Application::new("boom", "1.0.0").unwrap().interface(
+        "svc",
+        Interface::new()
+            .method("explode", |_c, _a| async { panic!("method failure") })
+            .method("fine", |_c, _a| async { Ok(Value::from(1)) }),
+    );
+    let server = Server::builder().application(app).build().unwrap();
+    let (a, b) = memory::pair(64);
+    server.serve_transport(a);
+    let conn = connect_transport(b, "boom", ClientOptions::default())
+        .await
+        .unwrap();
+    match conn.call("svc", "explode", vec![]).await {
+        Err(Error::Remote(e)) => assert_eq!(e.code, 16),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        conn.call("svc", "fine", vec![]).await.unwrap(),
+        vec![Value::from(1)]
+    );
+}
