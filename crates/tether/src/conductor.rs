@@ -156,6 +156,9 @@ impl From<String> for ConductorAddress {
 
 static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
+/// Most requests awaiting a response on one connection; more fail at once.
+const MAX_PENDING: usize = 65_536;
+
 fn ws_config(max: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max))
@@ -522,6 +525,12 @@ where
                     break;
                 }
                 Some(Command::Request { method, args, reply }) => {
+                    if pending.len() >= MAX_PENDING {
+                        let _ = reply.send(Err(ConductorError::WebSocket(format!(
+                            "more than {MAX_PENDING} requests pending"
+                        ))));
+                        continue;
+                    }
                     let id = next_id;
                     next_id += 1;
                     let msg = WireMessage::Request { id, data: request_payload(&method, args) };
