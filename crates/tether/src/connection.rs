@@ -802,6 +802,8 @@ struct Driver {
     failures: u32,
     /// Client: the server refused our session; the next transport starts a new one.
     new_session_next: bool,
+    /// Many messages await confirmation: ping for one after this step.
+    ack_wanted: bool,
     /// Server: how long a detached session waits for its client.
     client_expiration: Duration,
 }
@@ -820,6 +822,8 @@ enum Stop {
 }
 
 const REJECT_PREVIEW: usize = 1024;
+/// Ask the peer for a confirmation (a ping) after this many unconfirmed messages.
+const ACK_EVERY: usize = 512;
 
 async fn next_incoming(link: &mut Option<Link>) -> Option<Result<String, TransportError>> {
     match link {
@@ -892,6 +896,7 @@ impl Driver {
             connecting: None,
             failures: 0,
             new_session_next: false,
+            ack_wanted: false,
             client_expiration: Duration::from_secs(3600),
             conn,
         }
@@ -950,6 +955,15 @@ impl Driver {
         };
         if self.can_write() {
             self.write_text(text).await?;
+        }
+        // Events are confirmed only by a later callback or pong: every ACK_EVERY unconfirmed
+        // messages, ask for one with a ping so a peer that only receives events never lets
+        // our buffer fill up.
+        if let Some(s) = &self.session {
+            let n = s.buffered_len();
+            if n >= ACK_EVERY && n % ACK_EVERY == 0 && !matches!(msg, Message::Ping { .. }) {
+                self.ack_wanted = true;
+            }
         }
         Ok(Ok(()))
     }
@@ -1032,6 +1046,12 @@ impl Driver {
                 transport = connected(&mut self.connecting) => self.on_connected(transport).await,
             };
             let step = match step {
+                Ok(()) if std::mem::take(&mut self.ack_wanted) => {
+                    match self.send_heartbeat_ping().await {
+                        Ok(()) => self.flush_out().await,
+                        Err(e) => Err(e),
+                    }
+                }
                 Ok(()) => self.flush_out().await,
                 Err(e) => Err(e),
             };

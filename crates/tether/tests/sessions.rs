@@ -511,3 +511,56 @@ async fn chaos_cuts_lose_and_duplicate_nothing() {
     assert!(links > u64::from(cuts), "{links} links for {cuts} cuts");
     conn.close().await;
 }
+
+/// A peer that only receives events never confirms them by itself; the sender pings for a
+/// confirmation every 512 unconfirmed messages, so a bounded buffer (here 1024) never fills
+/// and no event is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_only_stream_keeps_the_buffer_small() {
+    let (app, _, _, _) = service();
+    let mut config = tether::ConnectionConfig::default();
+    config.session.max_buffered_messages = 1024;
+    let server = Server::builder()
+        .application(app)
+        .connection_config(config)
+        .build()
+        .unwrap();
+    let mut server_events = server.events();
+    let addr = server
+        .listen("jstp://127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let conn = connect(&format!("jstp://{addr}"), "svc", fast_reconnect())
+        .await
+        .unwrap();
+    let server_conn = next_server_conn(&mut server_events).await;
+    let mut server_side = server_conn.events();
+    let mut events = conn.events();
+    let mut got = 0i64;
+    for batch in 0..4i64 {
+        for i in 0..600i64 {
+            server_conn
+                .emit("log", "tick", vec![(batch * 600 + i).into()])
+                .await
+                .unwrap();
+        }
+        let all = async {
+            while got < (batch + 1) * 600 {
+                if let ConnectionEvent::Event { args, .. } = events.recv().await.unwrap() {
+                    assert_eq!(args[0].as_i64(), Some(got));
+                    got += 1;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("events were dropped");
+        // A round trip after the client's pong, so the server has seen the confirmation.
+        conn.call("log", "add", vec![batch.into()]).await.unwrap();
+    }
+    // Without the automatic pings 2400 unconfirmed events would have overflowed 1024.
+    while let Ok(ev) = server_side.try_recv() {
+        assert!(!matches!(ev, ConnectionEvent::Error { .. }), "{ev:?}");
+    }
+    conn.close().await;
+}
