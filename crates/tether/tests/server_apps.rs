@@ -9,8 +9,8 @@ use std::time::Duration;
 use tether::reconnect::Backoff;
 use tether::testing::CutProxy;
 use tether::{
-    connect, Application, ClientOptions, Connection, ConnectionConfig, ConnectionEvent, Error,
-    Interface, Server, ServerEvent, Value,
+    connect, Application, ClientOptions, Connection, ConnectionEvent, Error, Interface, Server,
+    ServerEvent, Value,
 };
 use tokio::sync::{broadcast, mpsc, Semaphore};
 
@@ -271,10 +271,8 @@ async fn a_request_past_max_pending_fails_with_queue_full_and_the_rest_complete(
         .listen("jstp://127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let mut config = ConnectionConfig::default();
-    config.max_pending = MAX;
     let mut opts = options();
-    opts.connection = config;
+    opts.connection.max_pending = MAX;
     let conn = within(
         LIMIT,
         "the client to connect",
