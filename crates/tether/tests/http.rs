@@ -66,14 +66,25 @@ async fn exchange(conn: &HttpConnection, path: &str) -> String {
         .write_headers("POST", path, &[("te", "trailers")], false)
         .await
         .unwrap();
-    stream.write_chunk("a".into(), false).await.unwrap();
-    stream.write_chunk("b".into(), false).await.unwrap();
-    stream.write_trailers(&[("x-sum", "2")]).await.unwrap();
-    let head = stream.get_headers(None).await.unwrap();
+    within("a request chunk", stream.write_chunk("a".into(), false))
+        .await
+        .unwrap();
+    within("a request chunk", stream.write_chunk("b".into(), false))
+        .await
+        .unwrap();
+    within("request trailers", stream.write_trailers(&[("x-sum", "2")]))
+        .await
+        .unwrap();
+    let head = within("the response head", stream.get_headers(None))
+        .await
+        .unwrap();
     assert_eq!(head.status, 200);
     assert_eq!(head.headers["x-peer"], "tether");
     let mut body = String::new();
-    while let Some(chunk) = stream.get_next_chunk(None).await.unwrap() {
+    while let Some(chunk) = within("a response chunk", stream.get_next_chunk(None))
+        .await
+        .unwrap()
+    {
         body.push_str(std::str::from_utf8(&chunk).unwrap());
     }
     assert_eq!(stream.trailers().unwrap()["x-done"], "yes");
@@ -98,7 +109,9 @@ async fn in_memory_http1_and_http2_with_chunks_and_trailers() {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let s = server.clone();
         tokio::spawn(async move { s.serve_io(a, None).await });
-        let conn = HttpConnection::over(b, http2).await.unwrap();
+        let conn = within("an in-memory connection", HttpConnection::over(b, http2))
+            .await
+            .unwrap();
         let expected = if http2 {
             HttpVersion::Http2
         } else {
@@ -124,8 +137,10 @@ async fn in_memory_http1_and_http2_with_chunks_and_trailers() {
             .write_headers("GET", "/idle", &[], true)
             .await
             .unwrap();
-        stream.get_body_as_bytes(None).await.unwrap();
-        conn.idle().await;
+        within("the /idle answer", stream.get_body_as_bytes(None))
+            .await
+            .unwrap();
+        within("idle", conn.idle()).await;
         assert_eq!(idles.load(Ordering::SeqCst), 1);
         assert!(
             conn.on_idle(|| {}).is_some(),
@@ -351,10 +366,15 @@ async fn a_timeout_loses_nothing_and_leaves_the_connection_usable() {
             stream.write_chunk(" second".into(), true).await
         }
     }));
-    let addr = server.listen("127.0.0.1:0").await.unwrap();
-    let conn = HttpConnection::connect(&format!("http://{addr}"), Default::default(), None)
+    let addr = within("listen", server.listen("127.0.0.1:0"))
         .await
         .unwrap();
+    let conn = within(
+        "connect",
+        HttpConnection::connect(&format!("http://{addr}"), Default::default(), None),
+    )
+    .await
+    .unwrap();
     let mut stream = conn.new_stream().unwrap();
     stream
         .write_headers("GET", "/slow", &[], true)
@@ -362,24 +382,51 @@ async fn a_timeout_loses_nothing_and_leaves_the_connection_usable() {
         .unwrap();
     let short = Some(Duration::from_millis(20));
     assert!(matches!(
-        stream.get_headers(short).await,
+        within("a short get_headers", stream.get_headers(short)).await,
         Err(HttpError::Timeout(_))
     ));
     gate.notify_one();
-    assert_eq!(stream.get_headers(None).await.unwrap().status, 200);
-    assert_eq!(stream.get_next_chunk(None).await.unwrap().unwrap(), "first");
+    assert_eq!(
+        within("the response head", stream.get_headers(None))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        within("the first chunk", stream.get_next_chunk(None))
+            .await
+            .unwrap()
+            .unwrap(),
+        "first"
+    );
     assert!(matches!(
-        stream.get_next_chunk(short).await,
+        within("a short get_next_chunk", stream.get_next_chunk(short)).await,
         Err(HttpError::Timeout(_))
     ));
     gate.notify_one();
-    assert_eq!(stream.get_body_as_string(None).await.unwrap(), " second");
+    assert_eq!(
+        within("the rest of the body", stream.get_body_as_string(None))
+            .await
+            .unwrap(),
+        " second"
+    );
     drop(stream);
     // The same connection serves the next stream.
     let mut next = conn.new_stream().unwrap();
-    next.write_headers("GET", "/fast", &[], true).await.unwrap();
+    within(
+        "a request head",
+        next.write_headers("GET", "/fast", &[], true),
+    )
+    .await
+    .unwrap();
     gate.notify_one();
-    assert_eq!(next.get_body_as_string(None).await.unwrap(), "first second");
+    assert_eq!(
+        within("the next answer", next.get_body_as_string(None))
+            .await
+            .unwrap(),
+        "first second"
+    );
 }
 
 fn tls_config() -> Arc<rustls::ServerConfig> {
@@ -395,12 +442,17 @@ fn tls_config() -> Arc<rustls::ServerConfig> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_negotiates_http2_by_alpn_and_auto_mode_serves_both() {
     let server = HttpServer::new(ServerOptions::new(echo).tls(TlsMode::Auto(tls_config())));
-    let addr = server.listen("127.0.0.1:0").await.unwrap();
-    let mut opts = ConnectOptions::default();
-    opts.tls.insecure = true;
-    let conn = HttpConnection::connect(&format!("https://{addr}"), opts, None)
+    let addr = within("listen", server.listen("127.0.0.1:0"))
         .await
         .unwrap();
+    let mut opts = ConnectOptions::default();
+    opts.tls.insecure = true;
+    let conn = within(
+        "connect",
+        HttpConnection::connect(&format!("https://{addr}"), opts, None),
+    )
+    .await
+    .unwrap();
     assert_eq!(conn.version(), HttpVersion::Http2);
     let tls = conn.tls_info().unwrap();
     assert_eq!(tls.alpn.as_deref(), Some("h2"));
@@ -408,18 +460,20 @@ async fn tls_negotiates_http2_by_alpn_and_auto_mode_serves_both() {
     assert!(conn.local_addr().is_some() && conn.peer_addr().is_some());
     assert_eq!(exchange(&conn, "/tls").await, echoed(&conn, "/tls"));
     // The same port also serves plain HTTP in auto mode.
-    let plain = HttpConnection::connect(&format!("http://{addr}"), Default::default(), None)
-        .await
-        .unwrap();
+    let plain = within(
+        "connect",
+        HttpConnection::connect(&format!("http://{addr}"), Default::default(), None),
+    )
+    .await
+    .unwrap();
     assert_eq!(exchange(&plain, "/plain").await, echoed(&plain, "/plain"));
     // curl as a second peer: HTTP/2 over TLS, and HTTP/1.1.
     for flag in ["--http2", "--http1.1"] {
-        let out = tokio::process::Command::new("curl")
+        let curl = tokio::process::Command::new("curl")
             .args(["-sk", flag, "-d", "xy", "-w", " %{http_version}"])
             .arg(format!("https://{addr}/curl"))
-            .output()
-            .await
-            .expect("curl is not installed");
+            .output();
+        let out = within("curl", curl).await.expect("curl is not installed");
         let text = String::from_utf8_lossy(&out.stdout);
         let version = if flag == "--http2" { "2" } else { "1.1" };
         assert_eq!(text, format!("POST /curl xy  {version}"), "{flag}");
@@ -440,30 +494,49 @@ async fn graceful_shutdown_finishes_open_streams() {
             stream.write_chunk("late".into(), true).await
         }
     }));
-    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
     let opts = ConnectOptions {
         http2: true,
         ..Default::default()
     };
-    let conn = HttpConnection::connect(&format!("http://{addr}"), opts, None)
-        .await
-        .unwrap();
+    let conn = within(
+        "connect",
+        HttpConnection::connect(&format!("http://{addr}"), opts, None),
+    )
+    .await
+    .unwrap();
     let mut stream = conn.new_stream().unwrap();
-    stream.write_headers("GET", "/", &[], true).await.unwrap();
+    within(
+        "a request head",
+        stream.write_headers("GET", "/", &[], true),
+    )
+    .await
+    .unwrap();
     // Shut down once the request is being handled.
-    entered.notified().await;
+    within("the handler to start", entered.notified()).await;
     let shutdown = {
         let server = server.clone();
         tokio::spawn(async move { server.shutdown().await })
     };
     gate.notify_one();
-    assert_eq!(stream.get_body_as_string(None).await.unwrap(), "late");
-    shutdown.await.unwrap();
-    assert!(
-        HttpConnection::connect(&format!("http://{addr}"), Default::default(), None)
-            .await
-            .is_err()
+    assert_eq!(
+        within(
+            "the answer during shutdown",
+            stream.get_body_as_string(None)
+        )
+        .await
+        .unwrap(),
+        "late"
     );
+    within("shutdown", shutdown).await.unwrap();
+    assert!(within(
+        "connect",
+        HttpConnection::connect(&format!("http://{addr}"), Default::default(), None)
+    )
+    .await
+    .is_err());
 }
 
 /// Reads from a raw client socket until the server ends the connection (end of stream or a
@@ -648,10 +721,14 @@ async fn a_stalled_request_body_times_out_in_the_handler() {
 }
 
 async fn raw_status(addr: &str, request: &[u8]) -> String {
-    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    sock.write_all(request).await.unwrap();
+    let mut sock = within("tcp connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap();
+    within("a raw request", sock.write_all(request))
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 256];
-    let n = sock.read(&mut buf).await.unwrap();
+    let n = within("a raw answer", sock.read(&mut buf)).await.unwrap();
     String::from_utf8_lossy(&buf[..n])
         .lines()
         .next()
@@ -664,7 +741,9 @@ async fn malformed_and_oversized_requests_get_4xx() {
     let mut options = ServerOptions::new(echo);
     options.max_header_size = 8192;
     let server = HttpServer::new(options);
-    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
     let bad = raw_status(&addr, b"GARBAGE / NONSENSE\r\n\r\n").await;
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
     let big = format!(
@@ -674,9 +753,12 @@ async fn malformed_and_oversized_requests_get_4xx() {
     let too_big = raw_status(&addr, big.as_bytes()).await;
     assert!(too_big.starts_with("HTTP/1.1 431"), "{too_big}");
     // The server still works.
-    let conn = HttpConnection::connect(&format!("http://{addr}"), Default::default(), None)
-        .await
-        .unwrap();
+    let conn = within(
+        "connect",
+        HttpConnection::connect(&format!("http://{addr}"), Default::default(), None),
+    )
+    .await
+    .unwrap();
     assert_eq!(exchange(&conn, "/ok").await, echoed(&conn, "/ok"));
 }
 
@@ -712,7 +794,9 @@ async fn lines(child: &mut tokio::process::Child) -> Vec<Json> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lua_http_client_against_our_server() {
     let server = echo_server();
-    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
     for version in ["1.1", "2"] {
         let mut child = lua(&["client", &format!("http://{addr}/lua"), version, "3"]);
         let responses = lines(&mut child).await;
@@ -730,7 +814,13 @@ async fn lua_http_client_against_our_server() {
 async fn our_client_against_a_lua_http_server() {
     let mut child = lua(&["server"]);
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready: Json = serde_json::from_str(&out.next_line().await.unwrap().unwrap()).unwrap();
+    let ready: Json = serde_json::from_str(
+        &within("lua's ready line", out.next_line())
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
     let url = format!("http://127.0.0.1:{}", ready["port"]);
     for http2 in [false, true] {
         let opts = ConnectOptions {
@@ -759,7 +849,7 @@ async fn our_client_against_a_lua_http_server() {
             })
             .collect();
         for (i, t) in tasks.into_iter().enumerate() {
-            let (version, body) = t.await.unwrap();
+            let (version, body) = within("an answer from lua-http", t).await.unwrap();
             let expected = if http2 {
                 HttpVersion::Http2
             } else {
@@ -768,7 +858,7 @@ async fn our_client_against_a_lua_http_server() {
             assert_eq!(version, expected);
             assert_eq!(body, format!("lua PUT /item/{i} v{i}"));
         }
-        conn.shutdown().await;
+        within("shutdown", conn.shutdown()).await;
     }
 }
 
@@ -842,7 +932,9 @@ async fn our_client_against_a_lua_http_server_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lua_http_over_tls_negotiates_http2() {
     let server = HttpServer::new(ServerOptions::new(echo).tls(TlsMode::Required(tls_config())));
-    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
     for version in ["1.1", "2"] {
         let mut child = lua(&["client", &format!("https://{addr}/tls"), version, "2"]);
         let responses = lines(&mut child).await;
@@ -869,7 +961,9 @@ async fn the_pooled_client_reuses_http1_and_shares_http2_connections() {
             stream.write_chunk("pooled".into(), true).await
         }
     }));
-    let addr = server.listen("127.0.0.1:0").await.unwrap();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
     let h1 = HttpClient::new(ConnectOptions::default(), Some(Duration::from_secs(10)));
     for _ in 0..5 {
         let r = h1
@@ -947,7 +1041,9 @@ async fn next_incoming_stream_and_body_streams() {
     for http2 in [false, true] {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let mut server = ServerConnection::new(a, ServerOptions::new(|_| async { Ok(()) }));
-        let conn = HttpConnection::over(b, http2).await.unwrap();
+        let conn = within("an in-memory connection", HttpConnection::over(b, http2))
+            .await
+            .unwrap();
         let client = tokio::spawn(async move {
             let mut s = conn.new_stream().unwrap();
             s.write_headers("POST", "/take", &[], false).await.unwrap();
@@ -959,17 +1055,30 @@ async fn next_incoming_stream_and_body_streams() {
             let chunks: Vec<Bytes> = s.body_chunks(None).map(|c| c.unwrap()).collect().await;
             (chunks.concat(), conn)
         });
-        let mut stream = server.next_incoming_stream(None).await.unwrap().unwrap();
+        let mut stream = within("the incoming stream", server.next_incoming_stream(None))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(stream.get_headers().path, "/take");
-        let body: Vec<Bytes> = stream.body_chunks(None).map(|c| c.unwrap()).collect().await;
+        let body: Vec<Bytes> = within(
+            "the request body",
+            stream.body_chunks(None).map(|c| c.unwrap()).collect(),
+        )
+        .await;
         assert_eq!(body.concat(), b"xyz");
-        stream.write_headers(201, &[], false).await.unwrap();
-        stream.write_chunk("a".into(), false).await.unwrap();
-        stream.write_chunk("b".into(), true).await.unwrap();
-        let (got, conn) = client.await.unwrap();
+        within("the response head", stream.write_headers(201, &[], false))
+            .await
+            .unwrap();
+        within("a response chunk", stream.write_chunk("a".into(), false))
+            .await
+            .unwrap();
+        within("a response chunk", stream.write_chunk("b".into(), true))
+            .await
+            .unwrap();
+        let (got, conn) = within("the client task", client).await.unwrap();
         assert_eq!(got, b"ab");
         // An orderly client shutdown (GOAWAY on HTTP/2) ends the server's stream of streams.
-        conn.shutdown().await;
+        within("shutdown", conn.shutdown()).await;
         assert!(conn.is_closed());
         assert!(conn.new_stream().is_err());
         assert!(server
@@ -1004,21 +1113,34 @@ async fn unix_sockets_and_a_reset_stream_leave_the_connection_usable() {
             stream.write_chunk("short".into(), true).await
         }
     }));
-    server.listen_unix(&sock).await.unwrap();
-    let conn = HttpConnection::connect_unix(&sock, true).await.unwrap();
+    within("listen", server.listen_unix(&sock)).await.unwrap();
+    let conn = within("connect", HttpConnection::connect_unix(&sock, true))
+        .await
+        .unwrap();
     assert_eq!(conn.peer_addr().as_deref(), sock.to_str());
     let mut endless = conn.new_stream().unwrap();
     endless
         .write_headers("GET", "/endless", &[], true)
         .await
         .unwrap();
-    assert!(endless.get_next_chunk(None).await.unwrap().is_some());
+    assert!(within("a chunk of /endless", endless.get_next_chunk(None))
+        .await
+        .unwrap()
+        .is_some());
     drop(endless); // resets the HTTP/2 stream
-    assert!(matches!(reset_rx.recv().await, Some(HttpError::Closed(_))));
+    assert!(matches!(
+        within("the handler's write error after the reset", reset_rx.recv()).await,
+        Some(HttpError::Closed(_))
+    ));
     let mut short = conn.new_stream().unwrap();
     short
         .write_headers("GET", "/short", &[], true)
         .await
         .unwrap();
-    assert_eq!(short.get_body_as_string(None).await.unwrap(), "short");
+    assert_eq!(
+        within("the /short answer", short.get_body_as_string(None))
+            .await
+            .unwrap(),
+        "short"
+    );
 }
