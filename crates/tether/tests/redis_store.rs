@@ -6,14 +6,15 @@
 use futures::StreamExt;
 use std::future::Future;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tether::reconnect::Attempt;
 use tether::store::{RedisStore, SessionStore, StoreError};
 use tether::testing::CutProxy;
 use tether::{
-    connect, Application, ClientOptions, Connection, ConnectionEvent, Endpoint, Interface, Server,
-    ServerEvent, Value,
+    connect, Application, Auth, ClientOptions, Connection, ConnectionEvent, Endpoint, Interface,
+    Server, ServerEvent, Value,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -197,6 +198,8 @@ fn app(adds: Arc<Mutex<Vec<i64>>>) -> Application {
 
 struct Node {
     server: Server,
+    /// The server's own address (the proxy's links are cut; this one's are not).
+    addr: String,
     proxy: CutProxy,
     adds: Arc<Mutex<Vec<i64>>>,
     events: broadcast::Receiver<ServerEvent>,
@@ -217,6 +220,7 @@ async fn node(store: Arc<dyn SessionStore>) -> Node {
     let proxy = CutProxy::start(addr.parse().unwrap()).await.unwrap();
     Node {
         server,
+        addr,
         proxy,
         adds,
         events,
@@ -268,16 +272,28 @@ async fn a_server_on_redis_outlives_redis_going_away_and_coming_back() {
     let mut raw = raw(&url).await;
 
     // Handoff through Redis: the first server saves the session as it shuts down, the client
-    // moves to the second server (its reconnector says so), which restores it from Redis.
+    // moves to the second server (its reconnector says so, once the test lets it: until then
+    // it is refused), which restores it from Redis.
     let to_second: Endpoint = second.url().parse().unwrap();
-    let options = ClientOptions::default().call_timeout(LIMIT).reconnector(
+    let refuser = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused: Endpoint = format!("jstp://{}", refuser.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    tokio::spawn(async move { while refuser.accept().await.is_ok() {} });
+    let go = Arc::new(AtomicBool::new(false));
+    let options = ClientOptions::default().call_timeout(LIMIT).reconnector({
+        let go = go.clone();
         move |_failures: u32, _last: &Endpoint| {
             Some(Attempt {
                 delay: Duration::from_millis(5),
-                endpoint: to_second.clone(),
+                endpoint: if go.load(Ordering::SeqCst) {
+                    to_second.clone()
+                } else {
+                    refused.clone()
+                },
             })
-        },
-    );
+        }
+    });
     let conn = within(
         LIMIT,
         "the client to connect",
@@ -297,6 +313,7 @@ async fn a_server_on_redis_outlives_redis_going_away_and_coming_back() {
     .await;
     assert!(raw_get(&mut raw, &key).await.is_some(), "saved to Redis");
     assert!(pttl(&mut raw, &key).await > 0, "saved as inactive");
+    go.store(true, Ordering::SeqCst);
     reconnected(&mut client_events, "the restore on the second server").await;
     let restored = within(LIMIT, "the second server's RestoreSession", async {
         loop {
@@ -317,7 +334,9 @@ async fn a_server_on_redis_outlives_redis_going_away_and_coming_back() {
     // (about 9.5 s with redis' default backoff), so they run together, and meanwhile the
     // server keeps serving: its client calls, a dropped link restores from the live
     // connection, a new client connects.
-    redis.kill().await.unwrap();
+    within(LIMIT, "redis-server to exit", redis.kill())
+        .await
+        .unwrap();
     let got = within(LIMIT, "get with Redis down", store_b.get(&id)).await;
     assert!(matches!(got, Err(StoreError::Redis(_))), "{got:?}");
     let store_ops = async {
@@ -346,12 +365,24 @@ async fn a_server_on_redis_outlives_redis_going_away_and_coming_back() {
         add(&other, 5, "the new client's call with Redis down").await;
         other
     };
-    let ((got, set, inactive), other) = within(
+    // A restore of a session this server does not hold has to ask the store: refused (11),
+    // not hung.
+    let unknown = async {
+        let mut options = ClientOptions::default().no_reconnect();
+        options.auth = Auth::Session {
+            id: "not-a-live-session".into(),
+            received: 0,
+        };
+        options.handshake_timeout = LIMIT;
+        connect(&format!("jstp://{}", second.addr), "svc", options).await
+    };
+    let ((got, set, inactive), other, unknown) = within(
         LIMIT,
-        "store operations and serving with Redis down",
-        futures::future::join(store_ops, serving),
+        "store operations, serving and a restore with Redis down",
+        futures::future::join3(store_ops, serving, unknown),
     )
     .await;
+    assert_eq!(unknown.err().and_then(|e| e.code()), Some(11));
     assert!(matches!(got, Err(StoreError::Redis(_))), "{got:?}");
     assert!(matches!(set, Err(StoreError::Redis(_))), "{set:?}");
     assert!(
