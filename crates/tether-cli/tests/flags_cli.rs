@@ -91,12 +91,12 @@ fn max_message_size_refuses_larger_messages_and_passes_smaller_ones() {
         "sayHi",
         &large,
         "--timeout",
-        "1000",
+        "3000",
     ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(
         stdout_json(&out),
-        json!({"error": {"code": -3, "message": "request timed out after 1s"}})
+        json!({"error": {"code": -3, "message": "request timed out after 3s"}})
     );
     log.find("the server's report of the oversized message", |l| {
         l.contains("error=framing error: message exceeds the maximum size of 200 bytes")
@@ -284,8 +284,9 @@ fn mute_listener() -> SocketAddr {
 #[test]
 fn call_timeout_bounds_a_handshake_that_never_comes() {
     let addr = mute_listener();
-    // Shorter than the 15 s default, so an ignored --timeout fails here.
-    let limit = Duration::from_secs(10);
+    // Shorter than the defaults (10 s to connect, 15 s to handshake), so an ignored
+    // --timeout fails here.
+    let limit = Duration::from_secs(8);
     let call = |url: &str| {
         run_within(
             Command::new(BIN).args([
@@ -398,7 +399,7 @@ fn bench_prints_one_well_formed_line_per_case() {
     let out = tether(&[
         "bench",
         "--duration",
-        "0.2",
+        "0.5",
         "--in-flight",
         "4",
         "--payload",
