@@ -195,21 +195,22 @@ async fn our_client_against_a_node_server() {
             .unwrap(),
         Value::from("ok")
     );
-    // flush fails what is pending and says how many.
-    let pending: Vec<_> = (0..3)
-        .map(|_| {
-            let conn = conn.clone();
-            tokio::spawn(async move { conn.request("never", Value::Nil, None).await })
-        })
+    // flush fails what is pending and says how many. Polling each request once queues it
+    // (spawned tasks could queue theirs after the round trip below).
+    let mut pending: Vec<_> = (0..3)
+        .map(|_| Box::pin(conn.request("never", Value::Nil, None)))
         .collect();
-    // Wait until all three are pending: a round trip after them is answered in order.
+    for p in &mut pending {
+        assert!(futures::poll!(p.as_mut()).is_pending());
+    }
+    // All three are pending once a round trip queued after them is answered.
     within("answer", conn.request("answer", Value::Nil, None))
         .await
         .unwrap();
     assert_eq!(within("flush", conn.flush()).await, 3);
     for p in pending {
         assert!(matches!(
-            within("a flushed request", p).await.unwrap(),
+            within("a flushed request", p).await,
             Err(ConductorError::Flushed)
         ));
     }
@@ -339,19 +340,34 @@ async fn close_code_after(addr: &str, name: &str, message: WsMessage) -> u16 {
     .await
 }
 
-/// Waits for the server's `BadInput` event and checks that it closed the connection.
+/// Waits for the server's `BadInput` event, checks that it closed the connection, and waits
+/// for that client's `Disconnected` (after which the server no longer lists it).
 async fn bad_input_closed(
     events: &mut tokio::sync::broadcast::Receiver<ConductorServerEvent>,
     name: &str,
 ) {
-    within(&format!("{name}: ConductorServerEvent::BadInput"), async {
+    let client = within(&format!("{name}: ConductorServerEvent::BadInput"), async {
         loop {
-            if let ConductorServerEvent::BadInput { closed, .. } = events.recv().await.unwrap() {
+            if let ConductorServerEvent::BadInput { client, closed, .. } =
+                events.recv().await.unwrap()
+            {
                 assert!(closed, "{name}");
-                break;
+                break client;
             }
         }
     })
+    .await;
+    within(
+        &format!("{name}: ConductorServerEvent::Disconnected"),
+        async {
+            loop {
+                match events.recv().await.unwrap() {
+                    ConductorServerEvent::Disconnected(c) if c == client => break,
+                    _ => {}
+                }
+            }
+        },
+    )
     .await
 }
 
