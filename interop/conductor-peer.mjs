@@ -7,15 +7,18 @@
 //   (divide {a:20,b:10}), divideByZero (divide {a:1,b:0}), unknown (no_such_method),
 //   timeout (never, 200 ms timeout), close (the close code).
 //
-// SERVER  node conductor-peer.mjs server
-//   A conductor-style server on the same ws + @msgpack/msgpack pair the npm clients use.
-//   Prints {"ready":true,"port":N}. Requests (payload {type, data}):
+// SERVER  node conductor-peer.mjs server [--cert FILE --key FILE]
+//   A server on the same ws + @msgpack/msgpack pair the npm clients use (written here, not a
+//   Holochain conductor). With --cert and --key (PEM) it serves wss:// on Node's https
+//   server, else ws://. Prints {"ready":true,"port":N,"tls":BOOL}. Requests (payload {type, data}):
 //     answer -> 42; echo -> data; fail -> error {type:'ribosome_error', data:'boom'};
 //     cancel -> a response with no data; signal -> signals data first, then answers 'sent';
 //     never -> no answer; garbage -> sends a non-msgpack binary frame, then answers 'ok';
 //     anything else -> error {type:'deserialization', ...}.
 //   Envelopes are {type:'response'|'signal', id, data: <msgpack bytes>}.
 
+import { readFileSync } from 'node:fs';
+import { createServer } from 'node:https';
 import { encode, decode } from '@msgpack/msgpack';
 import { WebSocketServer } from 'ws';
 import HolochainWebsocket from '@whi/holochain-websocket';
@@ -23,6 +26,10 @@ import HolochainWebsocket from '@whi/holochain-websocket';
 const { Connection } = HolochainWebsocket;
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
 const [mode, url] = process.argv.slice(2);
+const flag = (name) => {
+  const i = process.argv.indexOf(`--${name}`);
+  return i === -1 ? undefined : process.argv[i + 1];
+};
 
 async function step(name, f) {
   try {
@@ -46,8 +53,16 @@ async function client() {
 }
 
 function server() {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
-  wss.on('listening', () => out({ ready: true, port: wss.address().port }));
+  const [cert, key] = [flag('cert'), flag('key')];
+  let wss;
+  if (cert && key) {
+    const https = createServer({ cert: readFileSync(cert), key: readFileSync(key) });
+    wss = new WebSocketServer({ server: https });
+    https.listen(0, '127.0.0.1', () => out({ ready: true, port: https.address().port, tls: true }));
+  } else {
+    wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    wss.on('listening', () => out({ ready: true, port: wss.address().port, tls: false }));
+  }
   wss.on('connection', (ws) => {
     const send = (msg) => ws.send(encode(msg));
     const respond = (id, payload) =>
@@ -88,6 +103,6 @@ function server() {
 if (mode === 'client') await client();
 else if (mode === 'server') server();
 else {
-  process.stderr.write('usage: node conductor-peer.mjs client URL | server\n');
+  process.stderr.write('usage: node conductor-peer.mjs client URL | server [--cert F --key F]\n');
   process.exit(2);
 }

@@ -1,8 +1,10 @@
 -- Lua peer for tether's HTTP interop tests, on Debian's lua-http (Lua 5.3).
 --
--- SERVER  lua5.3 http-peer.lua server
+-- SERVER  lua5.3 http-peer.lua server [CERT KEY [ALPN]]
 --   Listens on 127.0.0.1 (ephemeral port) for HTTP/1.1 and HTTP/2 (prior knowledge) and
---   prints {"ready":true,"port":N}. Every request is answered 200 with header
+--   prints {"ready":true,"port":N}. With CERT and KEY (PEM files) it serves TLS only, with
+--   that certificate, choosing by ALPN the client's first of h2 and http/1.1, or only
+--   http/1.1 when ALPN is 1.1. Every request is answered 200 with header
 --   x-peer: lua-http and body "lua <method> <path> <request body>".
 --
 -- CLIENT  lua5.3 http-peer.lua client URL VERSION COUNT
@@ -23,10 +25,37 @@ end
 
 local mode = arg[1]
 
+-- A TLS context with the given PEM certificate and key; ALPN picks the client's first
+-- protocol we speak.
+local function tls_context(cert_file, key_file, only_http1)
+  local read = function(path)
+    local f = assert(io.open(path, "rb"))
+    local text = f:read("a")
+    f:close()
+    return text
+  end
+  local ctx = require "http.tls".new_server_context()
+  assert(ctx:setCertificate(require "openssl.x509".new(read(cert_file), "PEM")))
+  assert(ctx:setPrivateKey(require "openssl.pkey".new(read(key_file), "PEM")))
+  ctx:setAlpnSelect(function(_, protos)
+    for _, proto in ipairs(protos) do
+      if proto == "http/1.1" or (proto == "h2" and not only_http1) then return proto end
+    end
+    return nil
+  end)
+  return ctx
+end
+
 if mode == "server" then
+  local ctx, tls = nil, false
+  if arg[2] then
+    ctx, tls = tls_context(arg[2], arg[3], arg[4] == "1.1"), true
+  end
   local server = assert(http_server.listen {
     host = "127.0.0.1",
     port = 0,
+    tls = tls,
+    ctx = ctx,
     onstream = function(_, stream)
       local req = assert(stream:get_headers())
       local body = stream:get_body_as_string() or ""
@@ -72,6 +101,6 @@ elseif mode == "client" then
     io.stdout:flush()
   end
 else
-  io.stderr:write("usage: lua5.3 http-peer.lua server | client URL VERSION COUNT\n")
+  io.stderr:write("usage: lua5.3 http-peer.lua server [CERT KEY [ALPN]] | client URL VERSION COUNT\n")
   os.exit(2)
 end

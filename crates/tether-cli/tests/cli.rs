@@ -1,16 +1,16 @@
 //! The `tether` binary end to end: `serve` on every transport, then `call`, `inspect` and
 //! `listen` against it as separate processes, plus the errors a user sees for bad flags.
 
-use serde_json::{json, Value as Json};
-use std::io::{BufRead, BufReader, Lines};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
+use common::{run, wait_within, LineReader, Proc, BIN, DEADLINE};
+use serde_json::{json, Value as Json};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 
 /// A running `tether serve`, killed on drop.
 struct Serve {
-    child: Child,
+    proc: Proc,
     ready: Json,
     _dir: tempfile::TempDir,
     ca: PathBuf,
@@ -29,7 +29,7 @@ impl Serve {
         std::fs::write(&cert, ck.cert.pem()).unwrap();
         std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
         let sock = dir.path().join("tether.sock");
-        let mut child = Command::new(BIN)
+        let child = Command::new(BIN)
             .args(["serve", "--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
             .args(["--tls", "127.0.0.1:0", "--wss", "127.0.0.1:0"])
             .arg("--unix")
@@ -43,12 +43,11 @@ impl Serve {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next().expect("serve printed nothing").unwrap();
-        let ready: Json = serde_json::from_str(&line).unwrap();
-        assert_eq!(ready["ready"], true, "{line}");
+        let mut proc = Proc(child);
+        let ready = proc.stdout_lines("serve").json("serve's ready line");
+        assert_eq!(ready["ready"], true, "{ready}");
         Serve {
-            child,
+            proc,
             ready,
             _dir: dir,
             ca: cert,
@@ -69,21 +68,15 @@ impl Serve {
 
     /// Runs a client subcommand against `kind`, trusting the server's certificate.
     fn client(&self, sub: &str, kind: &str, rest: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg(sub)
-            .arg(self.url(kind))
-            .args(rest)
-            .arg("--ca")
-            .arg(&self.ca)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        run(
+            Command::new(BIN)
+                .arg(sub)
+                .arg(self.url(kind))
+                .args(rest)
+                .arg("--ca")
+                .arg(&self.ca),
+            &format!("tether {sub} over {kind} {rest:?}"),
+        )
     }
 }
 
@@ -158,18 +151,13 @@ fn users_log_in_and_wrong_passwords_get_11() {
     assert_eq!(stdout_json(&bad)["error"]["code"], 11);
 }
 
-fn next_json(lines: &mut Lines<BufReader<ChildStdout>>) -> Json {
-    let line = lines.next().expect("listener ended").unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
 #[test]
 fn listen_prints_chat_broadcasts_from_other_clients() {
     let serve = Serve::start(&["--user", "alice:pw"]);
-    let mut listeners: Vec<(Child, Lines<BufReader<ChildStdout>>)> = ["tcp", "ws"]
+    let mut listeners: Vec<(Proc, LineReader)> = ["tcp", "ws"]
         .iter()
         .map(|kind| {
-            let mut child = Command::new(BIN)
+            let child = Command::new(BIN)
                 .args([
                     "listen",
                     &serve.url(kind),
@@ -182,8 +170,9 @@ fn listen_prints_chat_broadcasts_from_other_clients() {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-            assert_eq!(next_json(&mut lines)["listening"], true);
+            let mut child = Proc(child);
+            let mut lines = child.stdout_lines(&format!("listen over {kind}"));
+            assert_eq!(lines.json("the listening line")["listening"], true);
             (child, lines)
         })
         .collect();
@@ -203,36 +192,36 @@ fn listen_prints_chat_broadcasts_from_other_clients() {
 
     for (child, lines) in &mut listeners {
         assert_eq!(
-            next_json(lines),
+            lines.json("alice's chat message"),
             json!({"interface": "chat", "event": "message", "args": ["alice", "hello"]})
         );
         assert_eq!(
-            next_json(lines),
+            lines.json("the anonymous chat message"),
             json!({"interface": "chat", "event": "message", "args": [null, "anonymous words"]})
         );
-        assert!(child.wait().unwrap().success());
+        assert!(wait_within(&mut child.0, DEADLINE, "listen --count 2").success());
     }
 }
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let tether = |args: &[&str]| run(Command::new(BIN).args(args), &format!("tether {args:?}"));
 
-    let out = run(&["serve", "--tls", "127.0.0.1:0"]);
+    let out = tether(&["serve", "--tls", "127.0.0.1:0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cert"));
 
-    let out = run(&["serve", "--user", "nopassword"]);
+    let out = tether(&["serve", "--user", "nopassword"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NAME:PASSWORD"));
 
-    let out = run(&["serve", "--tcp", "not an address"]);
+    let out = tether(&["serve", "--tcp", "not an address"]);
     assert_eq!(out.status.code(), Some(2));
 
-    let out = run(&["serve", "--heartbeat", "soon"]);
+    let out = tether(&["serve", "--heartbeat", "soon"]);
     assert_eq!(out.status.code(), Some(2));
 
-    let out = run(&[
+    let out = tether(&[
         "call",
         "http://127.0.0.1:1",
         "testApp",
@@ -247,9 +236,8 @@ fn bad_flags_are_usage_errors() {
 #[test]
 fn serve_shuts_down_cleanly_on_sigterm() {
     let mut serve = Serve::start(&[]);
-    let pid = serve.child.id().to_string();
-    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(kill.success());
-    let status = serve.child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    assert!(
+        serve.proc.terminate(),
+        "serve did not exit cleanly on SIGTERM"
+    );
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::serve;
+use common::{serve, within, DEADLINE};
 use tether::conductor::{ConductorConnection, ConductorError, ConductorOptions, Value};
 use tether::{connect, ClientOptions};
 
@@ -12,21 +12,23 @@ async fn serve_hosts_the_example_app_on_the_conductor_protocol() {
     let (_serve, ready) = serve(&["--tcp", "127.0.0.1:0", "--conductor", "127.0.0.1:0"]);
     let addr = ready["conductor"][0].as_str().unwrap();
     let conductor = ConductorConnection::new(addr, ConductorOptions::default()).unwrap();
-    conductor.open(None).await.unwrap();
+    within(DEADLINE, "the conductor handshake", conductor.open(None))
+        .await
+        .unwrap();
     let mut signals = conductor.signals();
+    let request = |name: &'static str, args: Value| {
+        within(DEADLINE, name, conductor.request(name, args, None))
+    };
     assert_eq!(
-        conductor.request("answer", Value::Nil, None).await.unwrap(),
+        request("answer", Value::Nil).await.unwrap(),
         Value::from(42)
     );
     let args = |a: i64, b: i64| Value::Map(vec![("a".into(), a.into()), ("b".into(), b.into())]);
     assert_eq!(
-        conductor
-            .request("divide", args(20, 10), None)
-            .await
-            .unwrap(),
+        request("divide", args(20, 10)).await.unwrap(),
         Value::from(2.0)
     );
-    match conductor.request("divide", args(1, 0), None).await {
+    match request("divide", args(1, 0)).await {
         Err(ConductorError::Remote { kind, message }) => {
             assert_eq!(
                 (kind.as_str(), message.as_str()),
@@ -37,19 +39,29 @@ async fn serve_hosts_the_example_app_on_the_conductor_protocol() {
     }
     let name = Value::Map(vec![("name".into(), "Rust".into())]);
     assert_eq!(
-        conductor.request("say_hi", name, None).await.unwrap(),
+        request("say_hi", name).await.unwrap(),
         Value::from("Hi, Rust!")
     );
 
     // A chat message over JSTP becomes a conductor signal.
     let url = format!("jstp://{}", ready["tcp"][0].as_str().unwrap());
-    let jstp = connect(&url, "testApp", ClientOptions::default())
+    let jstp = within(
+        DEADLINE,
+        "the JSTP handshake",
+        connect(&url, "testApp", ClientOptions::default()),
+    )
+    .await
+    .unwrap();
+    within(
+        DEADLINE,
+        "chat.send",
+        jstp.call("chat", "send", vec!["hello".into()]),
+    )
+    .await
+    .unwrap();
+    let signal = within(DEADLINE, "the chat signal", signals.recv())
         .await
         .unwrap();
-    jstp.call("chat", "send", vec!["hello".into()])
-        .await
-        .unwrap();
-    let signal = signals.recv().await.unwrap();
     let expected = Value::Map(vec![
         ("type".into(), "chat".into()),
         (
@@ -61,6 +73,7 @@ async fn serve_hosts_the_example_app_on_the_conductor_protocol() {
         ),
     ]);
     assert_eq!(signal, expected);
-    jstp.close().await;
-    assert_eq!(conductor.close(None).await.unwrap(), 1000);
+    within(DEADLINE, "the JSTP close", jstp.close()).await;
+    let code = within(DEADLINE, "the conductor close", conductor.close(None)).await;
+    assert_eq!(code.unwrap(), 1000);
 }

@@ -3,15 +3,9 @@
 
 mod common;
 
-use common::{serve, BIN};
+use common::{free_port, run, serve, wait_within, Proc, BIN, DEADLINE};
 use serde_json::Value as Json;
-use std::io::{BufRead, BufReader, Lines};
-use std::process::{ChildStdout, Command, Stdio};
-
-fn next(lines: &mut Lines<BufReader<ChildStdout>>) -> Json {
-    let line = lines.next().expect("hub output ended").unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
+use std::process::{Command, Stdio};
 
 #[test]
 fn hub_connects_to_every_peer_and_reports_a_killed_one() {
@@ -31,11 +25,14 @@ fn hub_connects_to_every_peer_and_reports_a_killed_one() {
             .spawn()
             .unwrap(),
     );
-    let mut lines = BufReader::new(hub.0.stdout.take().unwrap()).lines();
-    assert_eq!(next(&mut lines), serde_json::json!({"entries": []}));
+    let mut lines = hub.stdout_lines("hub");
+    assert_eq!(
+        lines.json("the first table"),
+        serde_json::json!({"entries": []})
+    );
     let mut connected = Vec::new();
     while connected.len() < 2 {
-        let line = next(&mut lines);
+        let line = lines.json("connecting/connected events");
         match line["event"].as_str().unwrap() {
             "connecting" => {}
             "connected" => connected.push(line["address"].as_str().unwrap().to_owned()),
@@ -49,16 +46,17 @@ fn hub_connects_to_every_peer_and_reports_a_killed_one() {
 
     // Kill the first peer outright: the hub reports it gone, once.
     first.0.kill().unwrap();
-    first.0.wait().unwrap();
-    let line = next(&mut lines);
+    wait_within(&mut first.0, DEADLINE, "the killed peer");
+    let line = lines.json("the killed peer's disconnected event");
     assert_eq!(line["event"], "disconnected");
     assert_eq!(line["address"], a1.as_str());
 
     assert!(hub.terminate(), "hub did not stop cleanly");
     // On its way out it disconnects the remaining peer.
     let rest: Vec<Json> = lines
-        .map_while(Result::ok)
-        .map(|l| serde_json::from_str(&l).unwrap())
+        .rest("the hub's last events")
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let kinds: Vec<&str> = rest.iter().filter_map(|l| l["event"].as_str()).collect();
     assert_eq!(kinds, ["disconnecting", "disconnected"]);
@@ -66,10 +64,69 @@ fn hub_connects_to_every_peer_and_reports_a_killed_one() {
 
 #[test]
 fn hub_refuses_bad_addresses() {
-    let out = Command::new(BIN)
-        .args(["hub", "net:127.0.0.1:1~shs:notakey"])
-        .output()
-        .unwrap();
+    let out = run(
+        Command::new(BIN).args(["hub", "net:127.0.0.1:1~shs:notakey"]),
+        "hub with a bad key",
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("peer key"));
+}
+
+/// One row of `tether hub --table`: state, direction, address.
+fn row(line: &str) -> (String, String, String) {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols.len(), 3, "not a table row: {line:?}");
+    (cols[0].into(), cols[1].into(), cols[2].into())
+}
+
+#[test]
+fn hub_table_shows_a_connected_peer_and_drops_a_failed_one() {
+    let (_serve, ready) = serve(&["--ws", "127.0.0.1:0"]);
+    let good = format!("ws://{}", ready["ws"][0].as_str().unwrap());
+    // Nothing listens there: the dial is refused. `net:` sorts before `ws://`, so in every
+    // redraw its row (if any) comes before the good peer's, and a frame is known complete
+    // once the good peer's row is read.
+    let failed = format!("net:127.0.0.1:{}", free_port());
+    let mut hub = Proc(
+        Command::new(BIN)
+            .args(["hub", "--table", &failed, &good])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = hub.stdout_lines("hub --table");
+    const CLEAR: &str = "\x1b[2J\x1b[H";
+    let header = format!("{CLEAR}STATE         DIRECTION ADDRESS");
+    assert_eq!(lines.line("the first table"), header);
+
+    let mut failed_seen_connecting = false;
+    let mut failed_in_frame = false;
+    loop {
+        let line = lines.line("a table where the good peer is connected and the failed one gone");
+        if line == header {
+            failed_in_frame = false;
+            continue;
+        }
+        let (state, direction, address) = row(&line);
+        if address == failed {
+            assert_eq!((state.as_str(), direction.as_str()), ("connecting", "-"));
+            failed_seen_connecting = true;
+            failed_in_frame = true;
+        } else {
+            assert_eq!(address, good, "{line:?}");
+            if state == "connected" {
+                assert_eq!(direction, "outbound");
+                if failed_seen_connecting && !failed_in_frame {
+                    break;
+                }
+            } else {
+                assert_eq!((state.as_str(), direction.as_str()), ("connecting", "-"));
+            }
+        }
+    }
+    assert!(hub.terminate(), "hub --table did not stop cleanly");
+    // Its last redraws: the good peer disconnecting, then an empty table.
+    let rest = lines.rest("the hub's last redraws");
+    assert_eq!(rest.last(), Some(&header), "{rest:?}");
 }

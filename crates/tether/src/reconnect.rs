@@ -166,15 +166,37 @@ mod tests {
 
     #[test]
     fn closures_can_switch_transport() {
+        // Stay on the last endpoint for two failures, then switch to WebSocket; give up at 4.
         let ws: Endpoint = "ws://127.0.0.1:8080/".parse().unwrap();
-        let switch = move |_n: u32, _last: &Endpoint| {
-            Some(Attempt {
-                delay: Duration::ZERO,
-                endpoint: ws.clone(),
+        let switch = move |n: u32, last: &Endpoint| {
+            (n < 4).then(|| Attempt {
+                delay: Duration::from_millis(u64::from(n)),
+                endpoint: if n < 2 { last.clone() } else { ws.clone() },
             })
         };
         let tcp: Endpoint = "jstp://127.0.0.1:3000".parse().unwrap();
-        let a = switch.next_attempt(0, &tcp).unwrap();
-        assert_eq!(a.endpoint.to_string(), "ws://127.0.0.1:8080/");
+        let other: Endpoint = "jstp://127.0.0.1:4000".parse().unwrap();
+        for (n, last, expected) in [
+            (0, &tcp, "jstp://127.0.0.1:3000"),
+            (1, &other, "jstp://127.0.0.1:4000"),
+            (2, &tcp, "ws://127.0.0.1:8080/"),
+            (3, &other, "ws://127.0.0.1:8080/"),
+        ] {
+            let a = Reconnector::next_attempt(&switch, n, last).unwrap();
+            assert_eq!(
+                a.endpoint.to_string(),
+                expected,
+                "attempt after {n} failures"
+            );
+            assert_eq!(a.delay, Duration::from_millis(u64::from(n)));
+        }
+        assert_eq!(Reconnector::next_attempt(&switch, 4, &tcp), None);
+        // Usable where the library takes one: as a boxed trait object.
+        let boxed: Box<dyn Reconnector> = Box::new(switch);
+        assert_eq!(
+            boxed.next_attempt(1, &other).unwrap().endpoint,
+            other,
+            "through dyn Reconnector"
+        );
     }
 }

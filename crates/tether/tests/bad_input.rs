@@ -1,6 +1,9 @@
 //! Bad input from a peer, over real sockets: each case gets upstream's reply or a close, a typed
 //! error or event on our side, and no effect on a well-behaved client connected alongside.
 
+mod common;
+
+use common::{within, LIMIT};
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use tether::example::{test_app, ChatHub};
@@ -14,7 +17,8 @@ use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-const LIMIT: usize = 4096;
+/// The server's message size limit.
+const MAX_SIZE: usize = 4096;
 
 struct Setup {
     server: Server,
@@ -30,23 +34,33 @@ async fn setup(handshake_timeout: Duration) -> Setup {
     let server = Server::builder()
         .application(test_app(chat.clone()))
         .handshake_timeout(handshake_timeout)
-        .listener_options(ListenerOptions::default().with_max_message_size(LIMIT))
+        .listener_options(ListenerOptions::default().with_max_message_size(MAX_SIZE))
         .build()
         .unwrap();
     chat.bind(&server);
     let events = server.events();
-    let tcp = server
-        .listen("jstp://127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let ws = server
-        .listen("ws://127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let good = connect(
-        &format!("jstp://{tcp}"),
-        "testApp",
-        ClientOptions::default().no_reconnect(),
+    let tcp = within(
+        LIMIT,
+        "the TCP listener",
+        server.listen("jstp://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let ws = within(
+        LIMIT,
+        "the WS listener",
+        server.listen("ws://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let good = within(
+        LIMIT,
+        "the well-behaved client's handshake",
+        connect(
+            &format!("jstp://{tcp}"),
+            "testApp",
+            ClientOptions::default().no_reconnect(),
+        ),
     )
     .await
     .unwrap();
@@ -63,10 +77,13 @@ impl Setup {
     /// The well-behaved client still works.
     async fn good_still_works(&self) {
         assert_eq!(
-            self.good
-                .call("calculator", "answer", vec![])
-                .await
-                .unwrap(),
+            within(
+                LIMIT,
+                "the well-behaved client's calculator.answer",
+                self.good.call("calculator", "answer", vec![])
+            )
+            .await
+            .unwrap(),
             vec![Value::from(42)]
         );
         let session = self.good.session_id();
@@ -88,18 +105,20 @@ impl Setup {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .expect("no connection error reported")
+        within(LIMIT, "a ConnectionError server event", wait).await
     }
 }
 
 /// Writes `bytes` on a raw TCP connection and returns everything read until the server closes.
 async fn raw_tcp(addr: &str, bytes: &[u8]) -> Vec<u8> {
-    let mut sock = TcpStream::connect(addr).await.unwrap();
-    sock.write_all(bytes).await.unwrap();
+    let mut sock = within(LIMIT, "a raw TCP connect", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    within(LIMIT, "the raw write", sock.write_all(bytes))
+        .await
+        .unwrap();
     let mut got = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
+    within(LIMIT, "the server to close the raw connection", async {
         let mut buf = [0u8; 4096];
         loop {
             match sock.read(&mut buf).await {
@@ -107,8 +126,8 @@ async fn raw_tcp(addr: &str, bytes: &[u8]) -> Vec<u8> {
                 Ok(n) => got.extend_from_slice(&buf[..n]),
             }
         }
-    });
-    read.await.expect("the server did not close the connection");
+    })
+    .await;
     got
 }
 
@@ -125,13 +144,19 @@ const HANDSHAKE: &[u8] = b"{handshake:[0,'testApp']}\0";
 /// Handshakes on a raw TCP connection, sends `bytes`, and returns the first `n` frames that
 /// come back (the handshake answer first), failing if the server closes before.
 async fn handshake_then(addr: &str, bytes: &[u8], n: usize) -> Vec<String> {
-    let mut sock = TcpStream::connect(addr).await.unwrap();
-    sock.write_all(HANDSHAKE).await.unwrap();
-    sock.write_all(bytes).await.unwrap();
+    let mut sock = within(LIMIT, "a raw TCP connect", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    within(LIMIT, "the raw handshake and bytes to be written", async {
+        sock.write_all(HANDSHAKE).await.unwrap();
+        sock.write_all(bytes).await.unwrap();
+    })
+    .await;
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
     while frames(&got).len() < n {
-        let read = sock.read(&mut buf).await.unwrap();
+        let what = format!("reply frame {} of {n}", frames(&got).len() + 1);
+        let read = within(LIMIT, &what, sock.read(&mut buf)).await.unwrap();
         assert!(read > 0, "closed early: {:?}", frames(&got));
         got.extend_from_slice(&buf[..read]);
     }
@@ -163,8 +188,8 @@ async fn a_message_before_the_handshake_closes_without_an_answer() {
 #[tokio::test]
 async fn an_over_long_message_closes_only_that_connection() {
     let mut s = setup(Duration::from_secs(3)).await;
-    // No NUL within the limit: the framer gives up at LIMIT bytes.
-    let got = raw_tcp(&s.tcp, &vec![b'x'; LIMIT * 2]).await;
+    // No NUL within the limit: the framer gives up at MAX_SIZE bytes.
+    let got = raw_tcp(&s.tcp, &vec![b'x'; MAX_SIZE * 2]).await;
     assert!(got.is_empty());
     let error = s.connection_error().await;
     assert!(
@@ -178,31 +203,52 @@ async fn an_over_long_message_closes_only_that_connection() {
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", "metarhia-jstp".parse().unwrap());
-    let sock = TcpStream::connect(&s.ws).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(request, sock)
+    let sock = within(LIMIT, "a raw TCP connect", TcpStream::connect(&s.ws))
         .await
         .unwrap();
-    ws.send(WsMessage::text("{handshake:[0,'testApp']}"))
+    let (mut ws, _) = within(
+        LIMIT,
+        "the WS upgrade",
+        tokio_tungstenite::client_async(request, sock),
+    )
+    .await
+    .unwrap();
+    within(
+        LIMIT,
+        "the WS handshake send",
+        ws.send(WsMessage::text("{handshake:[0,'testApp']}")),
+    )
+    .await
+    .unwrap();
+    let answer = within(LIMIT, "the WS handshake reply", ws.next())
         .await
+        .unwrap()
         .unwrap();
-    let answer = ws.next().await.unwrap().unwrap();
     assert!(answer.to_text().unwrap().starts_with("{handshake:[0],ok:"));
     let long = format!(
         "{{call:[1,'someService'],say:['{}']}}",
-        "y".repeat(LIMIT * 2)
+        "y".repeat(MAX_SIZE * 2)
     );
-    let _ = ws.send(WsMessage::text(long)).await;
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
-                Some(Ok(other)) => assert!(!other.is_text(), "answered: {other:?}"),
+    // The server may close mid-send; either way it must close.
+    let _ = within(
+        LIMIT,
+        "the over-long WS send",
+        ws.send(WsMessage::text(long)),
+    )
+    .await;
+    within(
+        LIMIT,
+        "the server to close the WS connection after the over-long message",
+        async {
+            loop {
+                match ws.next().await {
+                    None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
+                    Some(Ok(other)) => assert!(!other.is_text(), "answered: {other:?}"),
+                }
             }
-        }
-    });
-    closed
-        .await
-        .expect("the over-long WS message did not close the connection");
+        },
+    )
+    .await;
     s.good_still_works().await;
 }
 
@@ -259,7 +305,9 @@ async fn a_second_handshake_closes_the_connection() {
 #[tokio::test]
 async fn a_client_that_never_handshakes_is_closed_after_the_timeout() {
     let mut s = setup(Duration::from_millis(200)).await;
-    let silent = TcpStream::connect(&s.tcp).await.unwrap();
+    let silent = within(LIMIT, "a raw TCP connect", TcpStream::connect(&s.tcp))
+        .await
+        .unwrap();
     let timed_out = async {
         loop {
             if let ServerEvent::HandshakeTimeout(c) = s.events.recv().await.unwrap() {
@@ -267,13 +315,17 @@ async fn a_client_that_never_handshakes_is_closed_after_the_timeout() {
             }
         }
     };
-    let conn = tokio::time::timeout(Duration::from_secs(10), timed_out)
-        .await
-        .expect("no handshake timeout");
-    conn.closed().await;
+    let conn = within(LIMIT, "the HandshakeTimeout server event", timed_out).await;
+    within(LIMIT, "the timed-out connection to close", conn.closed()).await;
     let mut silent = silent;
     let mut buf = [0u8; 16];
-    assert_eq!(silent.read(&mut buf).await.unwrap(), 0, "not closed");
+    assert_eq!(
+        within(LIMIT, "EOF on the silent socket", silent.read(&mut buf))
+            .await
+            .unwrap(),
+        0,
+        "not closed"
+    );
     s.good_still_works().await;
 }
 
@@ -295,6 +347,7 @@ async fn plain_http_on_the_websocket_port_gets_400() {
 async fn a_garbling_server_fails_the_clients_pending_calls() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // Every await here is under the deadline on the client's call, or aborted.
     let fake = tokio::spawn(async move {
         let (mut sock, _) = listener.accept().await.unwrap();
         let mut buf = [0u8; 1024];
@@ -302,6 +355,9 @@ async fn a_garbling_server_fails_the_clients_pending_calls() {
         // Answer the handshake, wait for the call, then send garbage.
         while !seen.contains(&0) {
             let n = sock.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return; // the client gave up; its side of the test reports why
+            }
             seen.extend_from_slice(&buf[..n]);
         }
         sock.write_all(b"{handshake:[0],ok:'f0e3c1a2-0000-4000-8000-000000000000'}\0")
@@ -310,27 +366,39 @@ async fn a_garbling_server_fails_the_clients_pending_calls() {
         seen.clear();
         while !seen.contains(&0) {
             let n = sock.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return; // the client gave up; its side of the test reports why
+            }
             seen.extend_from_slice(&buf[..n]);
         }
         sock.write_all(b"\x01\x02 garbage ]]]\0").await.unwrap();
         // Keep the socket open: the client must not wait for us to close it.
         let _ = sock.read(&mut buf).await;
     });
-    let conn = connect(
-        &format!("jstp://{addr}"),
-        "testApp",
-        ClientOptions::default(),
+    let conn = within(
+        LIMIT,
+        "the handshake with the fake server",
+        connect(
+            &format!("jstp://{addr}"),
+            "testApp",
+            ClientOptions::default(),
+        ),
     )
     .await
     .unwrap();
     let mut events = conn.events();
-    let result = conn.call("calculator", "answer", vec![]).await;
+    let result = within(
+        LIMIT,
+        "the call to fail on the garbled reply",
+        conn.call("calculator", "answer", vec![]),
+    )
+    .await;
     assert!(matches!(result, Err(Error::Closed)), "{result:?}");
     let mut saw_error = false;
     while let Ok(ev) = events.try_recv() {
         saw_error |= matches!(ev, ConnectionEvent::Error { .. });
     }
     assert!(saw_error, "no error event");
-    conn.closed().await;
+    within(LIMIT, "the client to close", conn.closed()).await;
     fake.abort();
 }

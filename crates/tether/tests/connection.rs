@@ -1,14 +1,17 @@
 //! Connection, server and client behaviour over the in-memory transport: the protocol byte by
 //! byte where it matters, typed errors, and every pending request ending exactly once.
 
+mod common;
+
+use common::{within, LIMIT};
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use tether::connection::ConnectionEvent;
 use tether::example::{test_app, ChatHub};
 use tether::transport::Transport;
 use tether::{
-    connect_transport, memory, Application, ClientOptions, Error, Interface, LoginPolicy,
-    RemoteError, Server, ServerEvent, Value,
+    connect_transport, memory, Application, ClientOptions, Connection, Error, Interface,
+    LoginPolicy, RemoteError, Server, ServerEvent, Value,
 };
 
 fn example_server() -> Server {
@@ -22,10 +25,28 @@ fn example_server() -> Server {
     server
 }
 
-async fn client(server: &Server, options: ClientOptions) -> Result<tether::Connection, Error> {
+async fn client(server: &Server, options: ClientOptions) -> Result<Connection, Error> {
     let (a, b) = memory::pair(64);
     server.serve_transport(a);
-    connect_transport(b, "testApp", options).await
+    within(
+        LIMIT,
+        "the handshake reply to a testApp client",
+        connect_transport(b, "testApp", options),
+    )
+    .await
+}
+
+/// Connects a client to `app` on `server` over a fresh in-memory pair.
+async fn client_to(server: &Server, app: &str, options: ClientOptions) -> Connection {
+    let (a, b) = memory::pair(8);
+    server.serve_transport(a);
+    within(
+        LIMIT,
+        &format!("the handshake reply to an {app} client"),
+        connect_transport(b, app, options),
+    )
+    .await
+    .unwrap()
 }
 
 /// A raw peer: send message texts, read message texts.
@@ -33,10 +54,19 @@ struct Raw(Transport);
 
 impl Raw {
     async fn send(&mut self, text: &str) {
-        self.0.outgoing.send(text.to_owned()).await.unwrap();
+        within(
+            LIMIT,
+            &format!("room to send {text}"),
+            self.0.outgoing.send(text.to_owned()),
+        )
+        .await
+        .unwrap();
     }
-    async fn recv(&mut self) -> Option<String> {
-        self.0.incoming.next().await.map(|r| r.unwrap())
+    /// The next message text (`None` once the other side closed); `what` names it.
+    async fn recv(&mut self, what: &str) -> Option<String> {
+        within(LIMIT, what, self.0.incoming.next())
+            .await
+            .map(|r| r.unwrap())
     }
 }
 
@@ -44,6 +74,21 @@ fn raw(server: &Server) -> Raw {
     let (a, b) = memory::pair(64);
     server.serve_transport(a);
     Raw(b)
+}
+
+/// `conn.call(…)` with a deadline naming the call.
+async fn call(
+    conn: &Connection,
+    iface: &str,
+    method: &str,
+    args: Vec<Value>,
+) -> Result<Vec<Value>, Error> {
+    within(
+        LIMIT,
+        &format!("the answer to {iface}.{method}"),
+        conn.call(iface, method, args),
+    )
+    .await
 }
 
 fn is_uuid_v4(s: &str) -> bool {
@@ -58,27 +103,28 @@ async fn anonymous_handshake_and_calls() {
     assert!(is_uuid_v4(&conn.session_id().unwrap()));
     assert_eq!(conn.username(), None);
     assert_eq!(
-        conn.call("calculator", "answer", vec![]).await.unwrap(),
+        call(&conn, "calculator", "answer", vec![]).await.unwrap(),
         vec![Value::from(42)]
     );
     assert_eq!(
-        conn.call("calculator", "divide", vec![20.into(), 10.into()])
+        call(&conn, "calculator", "divide", vec![20.into(), 10.into()])
             .await
             .unwrap(),
         vec![Value::from(2)]
     );
     assert_eq!(
-        conn.call("calculator", "doNothing", vec![]).await.unwrap(),
+        call(&conn, "calculator", "doNothing", vec![])
+            .await
+            .unwrap(),
         Vec::<Value>::new()
     );
     assert_eq!(
-        conn.call("someService", "sayHi", vec!["Rust".into()])
+        call(&conn, "someService", "sayHi", vec!["Rust".into()])
             .await
             .unwrap(),
         vec![Value::from("Hi, Rust!")]
     );
-    let err = conn
-        .call("calculator", "divide", vec![1.into(), 0.into()])
+    let err = call(&conn, "calculator", "divide", vec![1.into(), 0.into()])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(1));
@@ -86,12 +132,12 @@ async fn anonymous_handshake_and_calls() {
         err.remote().unwrap().display_message(),
         "Error: Zero division"
     );
-    let err = conn.call("nope", "answer", vec![]).await.unwrap_err();
+    let err = call(&conn, "nope", "answer", vec![]).await.unwrap_err();
     assert_eq!(err.code(), Some(12));
-    let err = conn.call("calculator", "nope", vec![]).await.unwrap_err();
+    let err = call(&conn, "calculator", "nope", vec![]).await.unwrap_err();
     assert_eq!(err.code(), Some(14));
     assert_eq!(server.clients().len(), 1);
-    conn.close().await;
+    within(LIMIT, "the client's close", conn.close()).await;
     assert!(conn.is_closed());
 }
 
@@ -100,51 +146,73 @@ async fn wire_bytes_match_upstream() {
     let server = example_server();
     let mut r = raw(&server);
     r.send("{handshake:[0,'testApp']}").await;
-    let hs = r.recv().await.unwrap();
+    let hs = r.recv("the handshake reply").await.unwrap();
     let sid = hs
         .strip_prefix("{handshake:[0],ok:'")
         .and_then(|s| s.strip_suffix("'}"))
         .unwrap_or_else(|| panic!("unexpected handshake reply {hs}"));
     assert!(is_uuid_v4(sid));
     r.send("{call:[1,'calculator'],answer:[]}").await;
-    assert_eq!(r.recv().await.unwrap(), "{callback:[1],ok:[42]}");
+    assert_eq!(
+        r.recv("callback 1 (answer)").await.unwrap(),
+        "{callback:[1],ok:[42]}"
+    );
     r.send("{call:[2,'calculator'],divide:[1,0]}").await;
     assert_eq!(
-        r.recv().await.unwrap(),
+        r.recv("callback 2 (divide by zero)").await.unwrap(),
         "{callback:[2],error:[1,'Error: Zero division']}"
     );
     r.send("{call:[3,'calculator'],doNothing:[]}").await;
-    assert_eq!(r.recv().await.unwrap(), "{callback:[3],ok:[]}");
+    assert_eq!(
+        r.recv("callback 3 (doNothing)").await.unwrap(),
+        "{callback:[3],ok:[]}"
+    );
     r.send("{inspect:[4,'someService']}").await;
-    assert_eq!(r.recv().await.unwrap(), "{callback:[4],ok:['sayHi','say']}");
+    assert_eq!(
+        r.recv("callback 4 (inspect someService)").await.unwrap(),
+        "{callback:[4],ok:['sayHi','say']}"
+    );
     r.send("{inspect:[5,'nothing']}").await;
-    assert_eq!(r.recv().await.unwrap(), "{callback:[5],error:[12]}");
+    assert_eq!(
+        r.recv("callback 5 (inspect nothing)").await.unwrap(),
+        "{callback:[5],error:[12]}"
+    );
     r.send("{ping:[6]}").await;
-    assert_eq!(r.recv().await.unwrap(), "{pong:[6]}");
+    assert_eq!(r.recv("pong 6").await.unwrap(), "{pong:[6]}");
     r.send("{}").await; // legacy heartbeat: ignored
     r.send("{call:[7,'someService'],say:['it\\'s \"q\"']}")
         .await;
     assert_eq!(
-        r.recv().await.unwrap(),
+        r.recv("callback 7 (say with quotes)").await.unwrap(),
         "{callback:[7],ok:['it\\'s \\\"q\\\"']}"
     );
     // Server-initiated messages count down from -1.
     let conn = server.clients().pop().unwrap();
-    conn.emit("chat", "message", vec!["Marcus".into(), "Hello".into()])
-        .await
-        .unwrap();
+    within(
+        LIMIT,
+        "the server's emit of chat.message",
+        conn.emit("chat", "message", vec!["Marcus".into(), "Hello".into()]),
+    )
+    .await
+    .unwrap();
     assert_eq!(
-        r.recv().await.unwrap(),
+        r.recv("server event -1 (chat.message)").await.unwrap(),
         "{event:[-1,'chat'],message:['Marcus','Hello']}"
     );
     let pending = tokio::spawn({
         let conn = conn.clone();
         async move { conn.call("clientIface", "m", vec![1.into()]).await }
     });
-    assert_eq!(r.recv().await.unwrap(), "{call:[-2,'clientIface'],m:[1]}");
+    assert_eq!(
+        r.recv("server call -2 (clientIface.m)").await.unwrap(),
+        "{call:[-2,'clientIface'],m:[1]}"
+    );
     r.send("{callback:[-2],ok:['x',2]}").await;
     assert_eq!(
-        pending.await.unwrap().unwrap(),
+        within(LIMIT, "the server's call -2 to end", pending)
+            .await
+            .unwrap()
+            .unwrap(),
         vec![Value::from("x"), Value::from(2)]
     );
 }
@@ -171,27 +239,41 @@ async fn login_and_handshake_errors() {
 
     let (a, b) = memory::pair(8);
     server.serve_transport(a);
-    let err = connect_transport(b, "noSuchApp", ClientOptions::default())
-        .await
-        .unwrap_err();
+    let err = within(
+        LIMIT,
+        "the handshake refusal for noSuchApp",
+        connect_transport(b, "noSuchApp", ClientOptions::default()),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Some(10));
 
     let (_a, b) = memory::pair(8);
-    let err = connect_transport(b, "testApp@__invalid__", ClientOptions::default())
-        .await
-        .unwrap_err();
+    let err = within(
+        LIMIT,
+        "the local refusal of an invalid version",
+        connect_transport(b, "testApp@__invalid__", ClientOptions::default()),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::InvalidVersion(_)), "{err:?}");
 
     // Refusals go out as one message followed by a close.
     let mut r = raw(&server);
     r.send("{handshake:[0,'testApp'],login:['login','bad']}")
         .await;
-    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[11]}");
-    assert_eq!(r.recv().await, None);
+    assert_eq!(
+        r.recv("the handshake error 11").await.unwrap(),
+        "{handshake:[0],error:[11]}"
+    );
+    assert_eq!(r.recv("the close after error 11").await, None);
     let mut r = raw(&server);
     r.send("{handshake:[0,'other']}").await;
-    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[10]}");
-    assert_eq!(r.recv().await, None);
+    assert_eq!(
+        r.recv("the handshake error 10").await.unwrap(),
+        "{handshake:[0],error:[10]}"
+    );
+    assert_eq!(r.recv("the close after error 10").await, None);
 }
 
 #[tokio::test]
@@ -211,21 +293,25 @@ async fn custom_auth_policy_errors_pass_through() {
     let mut r = raw(&server);
     r.send("{handshake:[0,'app'],token:'locked'}").await;
     assert_eq!(
-        r.recv().await.unwrap(),
+        r.recv("the handshake error 42 for token 'locked'")
+            .await
+            .unwrap(),
         "{handshake:[0],error:[42,'Locked']}"
     );
     let mut r = raw(&server);
     r.send("{handshake:[0,'app'],token:'bad'}").await;
-    assert_eq!(r.recv().await.unwrap(), "{handshake:[0],error:[11]}");
-    let (a, b) = memory::pair(8);
-    server.serve_transport(a);
-    let conn = connect_transport(
-        b,
+    assert_eq!(
+        r.recv("the handshake error 11 for token 'bad'")
+            .await
+            .unwrap(),
+        "{handshake:[0],error:[11]}"
+    );
+    let conn = client_to(
+        &server,
         "app",
         ClientOptions::default().strategy("token", "good".into()),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(conn.username(), None);
     let sconn = server.clients().pop().unwrap();
     assert_eq!(sconn.username().as_deref(), Some("token-user"));
@@ -254,12 +340,18 @@ async fn version_ranges_resolve_like_upstream() {
     ] {
         let (a, b) = memory::pair(8);
         server.serve_transport(a);
+        let what = format!("the handshake reply for {spec}");
         match (
-            connect_transport(b, spec, ClientOptions::default()).await,
+            within(
+                LIMIT,
+                &what,
+                connect_transport(b, spec, ClientOptions::default()),
+            )
+            .await,
             expected,
         ) {
             (Ok(conn), Some(ver)) => assert_eq!(
-                conn.call("version", "get", vec![]).await.unwrap(),
+                call(&conn, "version", "get", vec![]).await.unwrap(),
                 vec![Value::from(ver)],
                 "{spec}"
             ),
@@ -273,20 +365,46 @@ async fn version_ranges_resolve_like_upstream() {
 async fn inspect_and_proxies() {
     let server = example_server();
     let conn = client(&server, ClientOptions::default()).await.unwrap();
-    let proxy = conn.inspect("calculator").await.unwrap();
+    let proxy = within(
+        LIMIT,
+        "the inspect reply for calculator",
+        conn.inspect("calculator"),
+    )
+    .await
+    .unwrap();
     assert_eq!(proxy.methods(), ["answer", "divide", "doNothing"]);
     assert_eq!(
-        proxy
-            .call("divide", vec![9.into(), 3.into()])
-            .await
-            .unwrap(),
+        within(
+            LIMIT,
+            "the proxy's calculator.divide answer",
+            proxy.call("divide", vec![9.into(), 3.into()])
+        )
+        .await
+        .unwrap(),
         vec![Value::from(3)]
     );
     assert_eq!(
-        proxy.call("missing", vec![]).await.unwrap_err().code(),
+        within(
+            LIMIT,
+            "the proxy's calculator.missing error",
+            proxy.call("missing", vec![])
+        )
+        .await
+        .unwrap_err()
+        .code(),
         Some(14)
     );
-    assert_eq!(conn.inspect("nothing").await.unwrap_err().code(), Some(12));
+    assert_eq!(
+        within(
+            LIMIT,
+            "the inspect error for nothing",
+            conn.inspect("nothing")
+        )
+        .await
+        .unwrap_err()
+        .code(),
+        Some(12)
+    );
     assert!(conn.remote_proxies().contains_key("calculator"));
 }
 
@@ -302,34 +420,37 @@ async fn events_both_ways_and_broadcast() {
     let server = Server::builder().application(app).build().unwrap();
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let (a, b) = memory::pair(8);
-        server.serve_transport(a);
-        clients.push(
-            connect_transport(b, "app", ClientOptions::default())
-                .await
-                .unwrap(),
-        );
+        clients.push(client_to(&server, "app", ClientOptions::default()).await);
     }
     // Client → server event reaches the handler with the right connection.
-    clients[0]
-        .emit("chat", "typing", vec![true.into()])
+    within(
+        LIMIT,
+        "the client's emit of chat.typing",
+        clients[0].emit("chat", "typing", vec![true.into()]),
+    )
+    .await
+    .unwrap();
+    let (conn_id, args) = within(LIMIT, "the server's chat.typing handler", seen_rx.recv())
         .await
         .unwrap();
-    let (conn_id, args) = seen_rx.recv().await.unwrap();
     assert_eq!(args, vec![Value::from(true)]);
     assert!(server.clients().iter().any(|c| c.id() == conn_id));
 
     // Server → every client.
     let mut subs: Vec<_> = clients.iter().map(|c| c.events()).collect();
     assert_eq!(server.broadcast("chat", "message", vec!["hi".into()]), 3);
-    for sub in &mut subs {
-        loop {
-            if let ConnectionEvent::Event { iface, event, args } = sub.recv().await.unwrap() {
-                assert_eq!((iface.as_str(), event.as_str()), ("chat", "message"));
-                assert_eq!(args, vec![Value::from("hi")]);
-                break;
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let what = format!("the broadcast chat.message at client {i}");
+        within(LIMIT, &what, async {
+            loop {
+                if let ConnectionEvent::Event { iface, event, args } = sub.recv().await.unwrap() {
+                    assert_eq!((iface.as_str(), event.as_str()), ("chat", "message"));
+                    assert_eq!(args, vec![Value::from("hi")]);
+                    break;
+                }
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -348,16 +469,21 @@ async fn server_calls_the_client_application() {
         .unwrap();
     let sconn = server.clients().pop().unwrap();
     assert_eq!(
-        sconn
-            .call("clientIface", "add", vec![2.into(), 3.into()])
+        call(&sconn, "clientIface", "add", vec![2.into(), 3.into()])
             .await
             .unwrap(),
         vec![Value::from(5)]
     );
-    let proxy = sconn.inspect("clientIface").await.unwrap();
+    let proxy = within(
+        LIMIT,
+        "the client's inspect reply for clientIface",
+        sconn.inspect("clientIface"),
+    )
+    .await
+    .unwrap();
     assert_eq!(proxy.methods(), ["add"]);
     assert_eq!(
-        sconn.call("other", "x", vec![]).await.unwrap_err().code(),
+        call(&sconn, "other", "x", vec![]).await.unwrap_err().code(),
         Some(12)
     );
 }
@@ -381,41 +507,61 @@ fn slow_server() -> (Server, tokio::sync::watch::Sender<bool>) {
 #[tokio::test]
 async fn timeouts_are_local_and_leave_the_connection_usable() {
     let (server, release) = slow_server();
-    let (a, b) = memory::pair(8);
-    server.serve_transport(a);
-    let conn = connect_transport(b, "app", ClientOptions::default())
-        .await
-        .unwrap();
-    let err = conn
-        .call_timeout("slow", "wait", vec![], Duration::from_millis(30))
-        .await
-        .unwrap_err();
+    let conn = client_to(&server, "app", ClientOptions::default()).await;
+    let err = within(
+        LIMIT,
+        "the 30 ms call timeout of slow.wait",
+        conn.call_timeout("slow", "wait", vec![], Duration::from_millis(30)),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Timeout(_)), "{err:?}");
     assert_eq!(err.code(), Some(tether::error::TIMEOUT_CODE));
     // The late answer to the timed-out call is rejected quietly; new calls work.
     let mut events = conn.events();
     release.send(true).unwrap();
-    loop {
-        if let ConnectionEvent::MessageRejected { reason, .. } = events.recv().await.unwrap() {
-            assert!(reason.contains("unknown request"), "{reason}");
-            break;
-        }
-    }
+    within(
+        LIMIT,
+        "the MessageRejected event for the late answer",
+        async {
+            loop {
+                if let ConnectionEvent::MessageRejected { reason, .. } =
+                    events.recv().await.unwrap()
+                {
+                    assert!(reason.contains("unknown request"), "{reason}");
+                    break;
+                }
+            }
+        },
+    )
+    .await;
     assert_eq!(
-        conn.call("slow", "wait", vec![]).await.unwrap(),
+        call(&conn, "slow", "wait", vec![]).await.unwrap(),
         vec![Value::from("late")]
     );
+}
+
+/// Waits for `n` Call events on a server connection's event stream.
+async fn calls_seen(
+    events: &mut tokio::sync::broadcast::Receiver<ConnectionEvent>,
+    n: usize,
+    what: &str,
+) {
+    within(LIMIT, what, async {
+        let mut seen = 0;
+        while seen < n {
+            if let ConnectionEvent::Call { .. } = events.recv().await.unwrap() {
+                seen += 1;
+            }
+        }
+    })
+    .await
 }
 
 #[tokio::test]
 async fn flush_and_close_end_every_pending_request() {
     let (server, _release) = slow_server();
-    let (a, b) = memory::pair(8);
-    server.serve_transport(a);
-    let conn = connect_transport(b, "app", ClientOptions::default())
-        .await
-        .unwrap();
-    let mut events = conn.events();
+    let conn = client_to(&server, "app", ClientOptions::default()).await;
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let c = conn.clone();
@@ -425,32 +571,42 @@ async fn flush_and_close_end_every_pending_request() {
     // Wait until all three are on the wire (the server saw them).
     let sconn = server.clients().pop().unwrap();
     let mut sevents = sconn.events();
-    let _ = &mut events;
-    let mut seen = 0;
-    while seen < 3 {
-        if let ConnectionEvent::Call { .. } = sevents.recv().await.unwrap() {
-            seen += 1;
-        }
+    calls_seen(
+        &mut sevents,
+        3,
+        "the server's Call events for 3 slow.wait calls",
+    )
+    .await;
+    assert_eq!(within(LIMIT, "the first flush", conn.flush()).await, 3);
+    for (i, c) in calls.into_iter().enumerate() {
+        let what = format!("flushed call {i} to end");
+        assert!(matches!(
+            within(LIMIT, &what, c).await.unwrap(),
+            Err(Error::Flushed)
+        ));
     }
-    assert_eq!(conn.flush().await, 3);
-    for c in calls {
-        assert!(matches!(c.await.unwrap(), Err(Error::Flushed)));
-    }
-    assert_eq!(conn.flush().await, 0);
+    assert_eq!(within(LIMIT, "the second flush", conn.flush()).await, 0);
 
     let pending = {
         let c = conn.clone();
         tokio::spawn(async move { c.call("slow", "wait", vec![]).await })
     };
-    let mut seen = false;
-    while !seen {
-        seen = matches!(sevents.recv().await.unwrap(), ConnectionEvent::Call { .. });
-    }
-    sconn.close().await;
-    assert!(matches!(pending.await.unwrap(), Err(Error::Closed)));
-    conn.closed().await;
+    calls_seen(
+        &mut sevents,
+        1,
+        "the server's Call event for the 4th slow.wait",
+    )
+    .await;
+    within(LIMIT, "the server side's close", sconn.close()).await;
     assert!(matches!(
-        conn.call("slow", "wait", vec![]).await,
+        within(LIMIT, "the pending call to end on close", pending)
+            .await
+            .unwrap(),
+        Err(Error::Closed)
+    ));
+    within(LIMIT, "the client to see the close", conn.closed()).await;
+    assert!(matches!(
+        call(&conn, "slow", "wait", vec![]).await,
         Err(Error::Closed)
     ));
 }
@@ -466,13 +622,18 @@ async fn bad_input_before_handshake_closes() {
     ] {
         let mut r = raw(&server);
         r.send(text).await;
-        assert_eq!(r.recv().await, None, "{text}");
+        let what = format!("the close after {text}");
+        assert_eq!(r.recv(&what).await, None, "{text}");
     }
     // The legacy heartbeat is fine even before the handshake.
     let mut r = raw(&server);
     r.send("{}").await;
     r.send("{handshake:[0,'testApp']}").await;
-    assert!(r.recv().await.unwrap().starts_with("{handshake:[0],ok:'"));
+    assert!(r
+        .recv("the handshake reply after a heartbeat")
+        .await
+        .unwrap()
+        .starts_with("{handshake:[0],ok:'"));
 }
 
 #[tokio::test]
@@ -480,32 +641,41 @@ async fn bad_input_after_handshake() {
     let server = example_server();
     let mut r = raw(&server);
     r.send("{handshake:[0,'testApp']}").await;
-    r.recv().await.unwrap();
+    r.recv("the handshake reply").await.unwrap();
     let sconn = server.clients().pop().unwrap();
     let mut events = sconn.events();
     // Unknown kinds are rejected without closing.
     r.send("{state:[1,'x'],inc:5}").await;
-    loop {
-        if let ConnectionEvent::MessageRejected { reason, .. } = events.recv().await.unwrap() {
-            assert!(reason.contains("unknown message kind 'state'"), "{reason}");
-            break;
+    within(LIMIT, "the MessageRejected event for kind 'state'", async {
+        loop {
+            if let ConnectionEvent::MessageRejected { reason, .. } = events.recv().await.unwrap() {
+                assert!(reason.contains("unknown message kind 'state'"), "{reason}");
+                break;
+            }
         }
-    }
+    })
+    .await;
     // Non-array call args get 17.
     r.send("{call:[2,'calculator'],answer:5}").await;
-    assert_eq!(r.recv().await.unwrap(), "{callback:[2],error:[17]}");
+    assert_eq!(
+        r.recv("callback 2 (error 17)").await.unwrap(),
+        "{callback:[2],error:[17]}"
+    );
     // Non-array event args are rejected.
     r.send("{event:[3,'chat'],message:'x'}").await;
     r.send("{call:[4,'calculator'],answer:[]}").await;
-    assert_eq!(r.recv().await.unwrap(), "{callback:[4],ok:[42]}");
+    assert_eq!(
+        r.recv("callback 4 (answer)").await.unwrap(),
+        "{callback:[4],ok:[42]}"
+    );
     // Another client is unaffected by what follows.
     let other = client(&server, ClientOptions::default()).await.unwrap();
     // A second handshake closes.
     r.send("{handshake:[0,'testApp']}").await;
-    assert_eq!(r.recv().await, None);
-    sconn.closed().await;
+    assert_eq!(r.recv("the close after a second handshake").await, None);
+    within(LIMIT, "the server connection to close", sconn.closed()).await;
     assert_eq!(
-        other.call("calculator", "answer", vec![]).await.unwrap(),
+        call(&other, "calculator", "answer", vec![]).await.unwrap(),
         vec![Value::from(42)]
     );
 }
@@ -519,12 +689,18 @@ async fn silent_client_hits_the_handshake_timeout() {
         .unwrap();
     let mut events = server.events();
     let mut r = raw(&server);
-    assert_eq!(r.recv().await, None);
-    loop {
-        if let ServerEvent::HandshakeTimeout(_) = events.recv().await.unwrap() {
-            break;
+    assert_eq!(
+        r.recv("the close after the 50 ms handshake timeout").await,
+        None
+    );
+    within(LIMIT, "the HandshakeTimeout server event", async {
+        loop {
+            if let ServerEvent::HandshakeTimeout(_) = events.recv().await.unwrap() {
+                break;
+            }
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -532,15 +708,23 @@ async fn client_refuses_handshake_requests() {
     let (a, b) = memory::pair(8);
     let mut server_side = Raw(a);
     let conn = tokio::spawn(connect_transport(b, "app", ClientOptions::default()));
-    assert_eq!(server_side.recv().await.unwrap(), "{handshake:[0,'app']}");
+    assert_eq!(
+        server_side.recv("the client's handshake").await.unwrap(),
+        "{handshake:[0,'app']}"
+    );
     server_side.send("{handshake:[0,'app']}").await;
     assert_eq!(
-        server_side.recv().await.unwrap(),
+        server_side
+            .recv("the client's handshake error 15")
+            .await
+            .unwrap(),
         "{handshake:[0],error:[15]}"
     );
-    assert_eq!(server_side.recv().await, None);
+    assert_eq!(server_side.recv("the client's close").await, None);
     assert!(matches!(
-        conn.await.unwrap(),
+        within(LIMIT, "connect_transport to fail", conn)
+            .await
+            .unwrap(),
         Err(Error::NoHandshakeResponse)
     ));
 }
@@ -550,9 +734,12 @@ async fn closed_before_handshake_response_is_code_minus_2() {
     let (a, b) = memory::pair(8);
     let conn = tokio::spawn(connect_transport(b, "app", ClientOptions::default()));
     let mut server_side = Raw(a);
-    server_side.recv().await.unwrap();
+    server_side.recv("the client's handshake").await.unwrap();
     drop(server_side);
-    let err = conn.await.unwrap().unwrap_err();
+    let err = within(LIMIT, "connect_transport to fail", conn)
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err.code(), Some(-2));
 }
 
@@ -565,51 +752,67 @@ async fn ping_and_heartbeat() {
         .unwrap();
     let mut r = raw(&server);
     r.send("{handshake:[0,'app']}").await;
-    r.recv().await.unwrap();
+    r.recv("the handshake reply").await.unwrap();
     // The server pings with its own ids and the client's pongs are accepted.
     for expected in [-1, -2, -3] {
-        assert_eq!(r.recv().await.unwrap(), format!("{{ping:[{expected}]}}"));
+        let what = format!("the server's ping {expected}");
+        assert_eq!(
+            r.recv(&what).await.unwrap(),
+            format!("{{ping:[{expected}]}}")
+        );
         r.send(&format!("{{pong:[{expected}]}}")).await;
     }
-    let (a, b) = memory::pair(8);
-    server.serve_transport(a);
-    let conn = connect_transport(b, "app", ClientOptions::default())
+    let conn = client_to(&server, "app", ClientOptions::default()).await;
+    within(LIMIT, "the pong to the client's ping", conn.ping())
         .await
         .unwrap();
-    conn.ping().await.unwrap();
     let mut events = conn.events();
-    let mut pings = 0;
-    while pings < 2 {
-        if let ConnectionEvent::Ping { .. } = events.recv().await.unwrap() {
-            pings += 1;
+    within(LIMIT, "2 heartbeat pings from the server", async {
+        let mut pings = 0;
+        while pings < 2 {
+            if let ConnectionEvent::Ping { .. } = events.recv().await.unwrap() {
+                pings += 1;
+            }
         }
-    }
+    })
+    .await;
     // A client heartbeat gets pongs back.
-    conn.start_heartbeat(Duration::from_millis(10))
+    within(
+        LIMIT,
+        "the client heartbeat to start",
+        conn.start_heartbeat(Duration::from_millis(10)),
+    )
+    .await
+    .unwrap();
+    within(LIMIT, "2 pongs to the client's heartbeat", async {
+        let mut pongs = 0;
+        while pongs < 2 {
+            if let ConnectionEvent::Pong { .. } = events.recv().await.unwrap() {
+                pongs += 1;
+            }
+        }
+    })
+    .await;
+    within(LIMIT, "the client heartbeat to stop", conn.stop_heartbeat())
         .await
         .unwrap();
-    let mut pongs = 0;
-    while pongs < 2 {
-        if let ConnectionEvent::Pong { .. } = events.recv().await.unwrap() {
-            pongs += 1;
-        }
-    }
-    conn.stop_heartbeat().await.unwrap();
 }
 
 #[tokio::test]
 async fn non_finite_numbers_are_refused_locally() {
     let server = example_server();
     let conn = client(&server, ClientOptions::default()).await.unwrap();
-    let err = conn
-        .call("someService", "say", vec![f64::NAN.into()])
+    let err = call(&conn, "someService", "say", vec![f64::NAN.into()])
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Serialize(_)), "{err:?}");
-    let err = conn
-        .emit("chat", "x", vec![vec![f64::INFINITY].into()])
-        .await
-        .unwrap_err();
+    let err = within(
+        LIMIT,
+        "the local refusal of an emit with infinity",
+        conn.emit("chat", "x", vec![vec![f64::INFINITY].into()]),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Serialize(_)));
 }
 
@@ -620,17 +823,20 @@ async fn shutdown_closes_everyone() {
     let a = client(&server, ClientOptions::default()).await.unwrap();
     let b = client(&server, ClientOptions::default()).await.unwrap();
     let mut r = raw(&server); // not handshaken
-    server.shutdown().await;
-    a.closed().await;
-    b.closed().await;
-    assert_eq!(r.recv().await, None);
+    within(LIMIT, "the server's shutdown", server.shutdown()).await;
+    within(LIMIT, "client a to see the shutdown", a.closed()).await;
+    within(LIMIT, "client b to see the shutdown", b.closed()).await;
+    assert_eq!(r.recv("the raw peer to see the shutdown").await, None);
     assert!(server.clients().is_empty());
-    let mut disconnects = 0;
-    while disconnects < 2 {
-        if let ServerEvent::Disconnect(_) = events.recv().await.unwrap() {
-            disconnects += 1;
+    within(LIMIT, "2 Disconnect server events", async {
+        let mut disconnects = 0;
+        while disconnects < 2 {
+            if let ServerEvent::Disconnect(_) = events.recv().await.unwrap() {
+                disconnects += 1;
+            }
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -642,25 +848,31 @@ async fn chat_send_broadcasts_with_username() {
     let bob = client(&server, ClientOptions::default()).await.unwrap();
     let mut bob_events = bob.events();
     let mut alice_events = alice.events();
-    let result = alice
-        .call("chat", "send", vec!["hello".into()])
+    let result = call(&alice, "chat", "send", vec!["hello".into()])
         .await
         .unwrap();
     assert_eq!(result, Vec::<Value>::new());
     // The sender gets its own message too.
-    loop {
-        if let ConnectionEvent::Event { args, .. } = alice_events.recv().await.unwrap() {
-            assert_eq!(args, vec![Value::from("login"), Value::from("hello")]);
-            break;
+    within(LIMIT, "alice's own chat.message event", async {
+        loop {
+            if let ConnectionEvent::Event { args, .. } = alice_events.recv().await.unwrap() {
+                assert_eq!(args, vec![Value::from("login"), Value::from("hello")]);
+                break;
+            }
         }
-    }
-    loop {
-        if let ConnectionEvent::Event { iface, event, args } = bob_events.recv().await.unwrap() {
-            assert_eq!((iface.as_str(), event.as_str()), ("chat", "message"));
-            assert_eq!(args, vec![Value::from("login"), Value::from("hello")]);
-            break;
+    })
+    .await;
+    within(LIMIT, "bob's chat.message event from alice", async {
+        loop {
+            if let ConnectionEvent::Event { iface, event, args } = bob_events.recv().await.unwrap()
+            {
+                assert_eq!((iface.as_str(), event.as_str()), ("chat", "message"));
+                assert_eq!(args, vec![Value::from("login"), Value::from("hello")]);
+                break;
+            }
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -672,17 +884,13 @@ async fn a_panicking_method_answers_16_and_the_connection_lives() {
             .method("fine", |_c, _a| async { Ok(Value::from(1)) }),
     );
     let server = Server::builder().application(app).build().unwrap();
-    let (a, b) = memory::pair(64);
-    server.serve_transport(a);
-    let conn = connect_transport(b, "boom", ClientOptions::default())
-        .await
-        .unwrap();
-    match conn.call("svc", "explode", vec![]).await {
+    let conn = client_to(&server, "boom", ClientOptions::default()).await;
+    match call(&conn, "svc", "explode", vec![]).await {
         Err(Error::Remote(e)) => assert_eq!(e.code, 16),
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        conn.call("svc", "fine", vec![]).await.unwrap(),
+        call(&conn, "svc", "fine", vec![]).await.unwrap(),
         vec![Value::from(1)]
     );
 }

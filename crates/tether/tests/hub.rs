@@ -3,11 +3,13 @@
 //! connect while disconnecting, failed disconnects, peers going away, reset, inbound
 //! registration with key matching and policies, exactly-once events, and 200 peers.
 
+mod common;
+
+use common::{within, LIMIT};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tether::example::{test_app, ChatHub};
 use tether::hub::{
     ConnectOutcome, Connector, Direction, Hub, HubError, HubEvent, HubOptions, HubState,
@@ -40,11 +42,28 @@ fn unreachable_address() -> String {
     format!("net:127.0.0.1:{port}~shs:{KEY}")
 }
 
-async fn next(events: &mut broadcast::Receiver<HubEvent>) -> HubEvent {
-    tokio::time::timeout(Duration::from_secs(10), events.recv())
+/// The next hub event; `what` names the one expected.
+async fn next(events: &mut broadcast::Receiver<HubEvent>, what: &str) -> HubEvent {
+    within(LIMIT, &format!("the hub's {what} event"), events.recv())
         .await
-        .expect("no hub event")
         .unwrap()
+}
+
+/// `hub.connect(address, data)` with a deadline.
+async fn dial(hub: &Hub, address: &str, data: Object) -> Result<ConnectOutcome, HubError> {
+    let what = format!("the hub's connect to {address}");
+    within(LIMIT, &what, hub.connect(address, data)).await
+}
+
+/// `hub.disconnect(address)` with a deadline.
+async fn hang_up(hub: &Hub, address: &str) -> Result<bool, HubError> {
+    let what = format!("the hub's disconnect from {address}");
+    within(LIMIT, &what, hub.disconnect(address)).await
+}
+
+/// `hub.close()` with a deadline.
+async fn close(hub: &Hub) {
+    within(LIMIT, "the hub's close", hub.close()).await
 }
 
 fn kinds(events: &mut broadcast::Receiver<HubEvent>) -> Vec<&'static str> {
@@ -123,8 +142,7 @@ impl Connector for Gate {
 #[tokio::test]
 async fn connect_fails_given_an_unreachable_peer() {
     let hub = Hub::new(HubOptions::jstp("testApp"));
-    let err = hub
-        .connect(&unreachable_address(), Object::new())
+    let err = dial(&hub, &unreachable_address(), Object::new())
         .await
         .unwrap_err();
     let HubError::Connect(e) = err else {
@@ -139,14 +157,14 @@ async fn listen_emits_connecting_then_connecting_failed() {
     let mut events = hub.listen().unwrap();
     let address = unreachable_address();
     let key = PeerKey::parse(KEY).unwrap();
-    assert!(hub.connect(&address, Object::new()).await.is_err());
-    match next(&mut events).await {
+    assert!(dial(&hub, &address, Object::new()).await.is_err());
+    match next(&mut events, "connecting").await {
         HubEvent::Connecting { address: a, key: k } => {
             assert_eq!((a, k), (address.clone(), Some(key)))
         }
         other => panic!("{other:?}"),
     }
-    match next(&mut events).await {
+    match next(&mut events, "connecting-failed").await {
         HubEvent::ConnectingFailed {
             address: a,
             key: k,
@@ -169,12 +187,15 @@ async fn update_merges_data_of_an_entry_in_the_hub() {
         tokio::spawn(async move { hub.connect(&address, Object::new()).await })
     };
     let mut live = hub.live_entries().unwrap();
-    let entries = loop {
-        let entries = live.next().await.unwrap();
-        if !entries.is_empty() {
-            break entries;
+    let entries = within(LIMIT, "a live table with the connecting entry", async {
+        loop {
+            let entries = live.next().await.unwrap();
+            if !entries.is_empty() {
+                break entries;
+            }
         }
-    };
+    })
+    .await;
     assert_eq!(entries[0].1.state, HubState::Connecting);
     assert!(entries[0].1.data.get("foo").is_none());
     let mut data = Object::new();
@@ -191,7 +212,9 @@ async fn update_merges_data_of_an_entry_in_the_hub() {
     assert!(!hub.update("net:127.0.0.1:2", Object::new()).unwrap());
     release.notify_one();
     assert!(matches!(
-        connecting.await.unwrap(),
+        within(LIMIT, "the released connect to end", connecting)
+            .await
+            .unwrap(),
         Ok(ConnectOutcome::Connected(_))
     ));
 }
@@ -201,29 +224,38 @@ async fn live_entries_emit_every_table_change() {
     let hub = Hub::new(HubOptions::jstp("testApp"));
     let mut live = hub.live_entries().unwrap();
     let address = unreachable_address();
-    assert!(hub.connect(&address, Object::new()).await.is_err());
-    assert!(live.next().await.unwrap().is_empty());
-    let connecting = live.next().await.unwrap();
+    assert!(dial(&hub, &address, Object::new()).await.is_err());
+    let table = within(LIMIT, "the initial (empty) live table", live.next());
+    assert!(table.await.unwrap().is_empty());
+    let connecting = within(LIMIT, "the live table while connecting", live.next())
+        .await
+        .unwrap();
     assert_eq!(connecting.len(), 1);
     assert_eq!(connecting[0].0, address);
     assert_eq!(connecting[0].1.state, HubState::Connecting);
-    assert!(live.next().await.unwrap().is_empty());
-    hub.close().await;
-    assert!(live.next().await.is_none(), "the stream ends with the hub");
+    let table = within(LIMIT, "the live table after the failure", live.next());
+    assert!(table.await.unwrap().is_empty());
+    close(&hub).await;
+    assert!(
+        within(LIMIT, "the live table stream to end", live.next())
+            .await
+            .is_none(),
+        "the stream ends with the hub"
+    );
 }
 
 #[tokio::test]
 async fn disconnect_without_a_connection_is_false() {
     let hub = Hub::new(HubOptions::jstp("testApp"));
-    assert!(!hub.disconnect("net:127.0.0.1:9").await.unwrap());
+    assert!(!hang_up(&hub, "net:127.0.0.1:9").await.unwrap());
 }
 
 #[tokio::test]
 async fn after_close_nothing_works() {
     let hub = Hub::new(HubOptions::jstp("testApp"));
     let mut events = hub.listen().unwrap();
-    hub.close().await;
-    hub.close().await;
+    close(&hub).await;
+    close(&hub).await;
     assert!(matches!(hub.entries(), Err(HubError::Closed)));
     assert!(matches!(hub.listen(), Err(HubError::Closed)));
     assert!(matches!(hub.live_entries(), Err(HubError::Closed)));
@@ -232,17 +264,20 @@ async fn after_close_nothing_works() {
         hub.update("net:a:1", Object::new()),
         Err(HubError::Closed)
     ));
-    assert!(matches!(hub.reset().await, Err(HubError::Closed)));
     assert!(matches!(
-        hub.connect("net:127.0.0.1:1", Object::new()).await,
+        within(LIMIT, "the closed hub's reset", hub.reset()).await,
         Err(HubError::Closed)
     ));
     assert!(matches!(
-        hub.disconnect("net:a:1").await,
+        dial(&hub, "net:127.0.0.1:1", Object::new()).await,
         Err(HubError::Closed)
     ));
     assert!(matches!(
-        events.recv().await,
+        hang_up(&hub, "net:a:1").await,
+        Err(HubError::Closed)
+    ));
+    assert!(matches!(
+        within(LIMIT, "the event stream to end", events.recv()).await,
         Err(broadcast::error::RecvError::Closed)
     ));
 }
@@ -253,11 +288,11 @@ async fn after_close_nothing_works() {
 async fn invalid_addresses_are_typed_errors() {
     let hub = Hub::new(HubOptions::jstp("testApp"));
     assert!(matches!(
-        hub.connect("net:h:1~shs:short", Object::new()).await,
+        dial(&hub, "net:h:1~shs:short", Object::new()).await,
         Err(HubError::Address(_))
     ));
     assert!(matches!(
-        hub.connect("onion:x.onion:80", Object::new()).await,
+        dial(&hub, "onion:x.onion:80", Object::new()).await,
         Err(HubError::Undialable(_))
     ));
 }
@@ -265,27 +300,36 @@ async fn invalid_addresses_are_typed_errors() {
 #[tokio::test]
 async fn connects_to_real_servers_and_dedupes_by_address() {
     let server = example_server();
-    let addr = server
-        .listen("jstp://127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let ws = server
-        .listen("ws://127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let addr = within(
+        LIMIT,
+        "the TCP listener",
+        server.listen("jstp://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let ws = within(
+        LIMIT,
+        "the WS listener",
+        server.listen("ws://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
     let hub = Hub::new(HubOptions::jstp("testApp"));
     let mut events = hub.listen().unwrap();
     for address in [format!("net:{addr}"), format!("ws://{ws}")] {
-        let ConnectOutcome::Connected(conn) = hub.connect(&address, Object::new()).await.unwrap()
+        let ConnectOutcome::Connected(conn) = dial(&hub, &address, Object::new()).await.unwrap()
         else {
             panic!("not connected")
         };
+        let what = format!("calculator.answer over {address}");
         assert_eq!(
-            conn.call("calculator", "answer", vec![]).await.unwrap(),
+            within(LIMIT, &what, conn.call("calculator", "answer", vec![]))
+                .await
+                .unwrap(),
             vec![Value::from(42)]
         );
         assert!(matches!(
-            hub.connect(&address, Object::new()).await.unwrap(),
+            dial(&hub, &address, Object::new()).await.unwrap(),
             ConnectOutcome::AlreadyConnected(c) if c.id() == conn.id()
         ));
         assert_eq!(hub.get_state(&address).unwrap(), Some(HubState::Connected));
@@ -295,7 +339,7 @@ async fn connects_to_real_servers_and_dedupes_by_address() {
         kinds(&mut events),
         ["connecting", "connected", "connecting", "connected"]
     );
-    hub.close().await;
+    close(&hub).await;
 }
 
 #[tokio::test]
@@ -316,10 +360,11 @@ async fn concurrent_connects_share_one_dial_and_its_failure() {
             })
         };
         // Wait until the dial is in progress, then let it finish.
-        assert_eq!(next(&mut watch).await.kind(), "connecting");
+        assert_eq!(next(&mut watch, "connecting").await.kind(), "connecting");
         release.notify_one();
         let mut ids = Vec::new();
-        for outcome in callers.await.unwrap() {
+        let what = format!("the 5 connects to {address}");
+        for outcome in within(LIMIT, &what, callers).await.unwrap() {
             match outcome {
                 Ok(ConnectOutcome::Connected(conn)) => {
                     assert!(ok);
@@ -329,7 +374,8 @@ async fn concurrent_connects_share_one_dial_and_its_failure() {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(next(&mut watch).await.kind().starts_with("connect"));
+        let end = next(&mut watch, "connected or connecting-failed").await;
+        assert!(end.kind().starts_with("connect"));
         ids.dedup();
         assert!(ids.len() <= 1, "several connections: {ids:?}");
     }
@@ -350,9 +396,14 @@ async fn disconnect_while_connecting_aborts_the_dial() {
         let hub = hub.clone();
         tokio::spawn(async move { hub.connect(address, Object::new()).await })
     };
-    assert_eq!(next(&mut events).await.kind(), "connecting");
-    assert!(hub.disconnect(address).await.unwrap());
-    assert!(matches!(connecting.await.unwrap(), Err(HubError::Aborted)));
+    assert_eq!(next(&mut events, "connecting").await.kind(), "connecting");
+    assert!(hang_up(&hub, address).await.unwrap());
+    assert!(matches!(
+        within(LIMIT, "the aborted connect to end", connecting)
+            .await
+            .unwrap(),
+        Err(HubError::Aborted)
+    ));
     assert_eq!(hub.get_state(address).unwrap(), None);
     assert_eq!(kinds(&mut events), ["disconnecting", "disconnected"]);
 }
@@ -364,24 +415,33 @@ async fn connect_while_disconnecting_runs_after_with_its_data() {
     gate.hold_disconnect = Some(hold.clone());
     let hub = Hub::new(HubOptions::with_connector(gate));
     let address = "net:10.0.0.4:1";
-    hub.connect(address, Object::new()).await.unwrap();
+    dial(&hub, address, Object::new()).await.unwrap();
     let mut events = hub.listen().unwrap();
     let disconnecting = {
         let hub = hub.clone();
         tokio::spawn(async move { hub.disconnect(address).await })
     };
-    assert_eq!(next(&mut events).await.kind(), "disconnecting");
+    assert_eq!(
+        next(&mut events, "disconnecting").await.kind(),
+        "disconnecting"
+    );
     let mut data = Object::new();
     data.insert("again", Value::from(true));
     assert!(matches!(
-        hub.connect(address, data).await.unwrap(),
+        dial(&hub, address, data).await.unwrap(),
         ConnectOutcome::Deferred
     ));
     hold.notify_one();
-    assert!(disconnecting.await.unwrap().unwrap());
-    assert_eq!(next(&mut events).await.kind(), "disconnected");
-    assert_eq!(next(&mut events).await.kind(), "connecting");
-    assert_eq!(next(&mut events).await.kind(), "connected");
+    assert!(within(LIMIT, "the held disconnect to end", disconnecting)
+        .await
+        .unwrap()
+        .unwrap());
+    assert_eq!(
+        next(&mut events, "disconnected").await.kind(),
+        "disconnected"
+    );
+    assert_eq!(next(&mut events, "connecting").await.kind(), "connecting");
+    assert_eq!(next(&mut events, "connected").await.kind(), "connected");
     let entry = &hub.entries().unwrap()[0].1;
     assert_eq!(entry.data.get("again"), Some(&Value::from(true)));
 }
@@ -392,10 +452,10 @@ async fn a_failed_disconnect_restores_the_state() {
     gate.fail_disconnect = true;
     let hub = Hub::new(HubOptions::with_connector(gate));
     let address = "net:10.0.0.5:1";
-    hub.connect(address, Object::new()).await.unwrap();
+    dial(&hub, address, Object::new()).await.unwrap();
     let mut events = hub.listen().unwrap();
     assert!(matches!(
-        hub.disconnect(address).await,
+        hang_up(&hub, address).await,
         Err(HubError::Disconnect(_))
     ));
     assert_eq!(hub.get_state(address).unwrap(), Some(HubState::Connected));
@@ -408,22 +468,25 @@ async fn a_failed_disconnect_restores_the_state() {
 #[tokio::test]
 async fn a_peer_going_away_is_reported_once() {
     let server = example_server();
-    let addr = server
-        .listen("jstp://127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let addr = within(
+        LIMIT,
+        "the TCP listener",
+        server.listen("jstp://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
     let hub = Hub::new(HubOptions::jstp("testApp"));
     let address = format!("net:{addr}");
-    hub.connect(&address, Object::new()).await.unwrap();
+    dial(&hub, &address, Object::new()).await.unwrap();
     let mut events = hub.listen().unwrap();
-    server.shutdown().await;
-    match next(&mut events).await {
+    within(LIMIT, "the server's shutdown", server.shutdown()).await;
+    match next(&mut events, "disconnected").await {
         HubEvent::Disconnected { address: a, .. } => assert_eq!(a, address),
         other => panic!("{other:?}"),
     }
     assert_eq!(hub.get_state(&address).unwrap(), None);
     // Disconnecting what is gone is a no-op, and nothing else was reported.
-    assert!(!hub.disconnect(&address).await.unwrap());
+    assert!(!hang_up(&hub, &address).await.unwrap());
     assert!(kinds(&mut events).is_empty());
 }
 
@@ -432,10 +495,10 @@ async fn reset_disconnects_everything_once() {
     let hub = Hub::new(HubOptions::with_connector(Gate::new(false)));
     let addresses = ["net:10.0.1.1:1", "net:10.0.1.2:1", "net:10.0.1.3:1"];
     for a in addresses {
-        hub.connect(a, Object::new()).await.unwrap();
+        dial(&hub, a, Object::new()).await.unwrap();
     }
     let mut events = hub.listen().unwrap();
-    hub.reset().await.unwrap();
+    within(LIMIT, "the hub's reset", hub.reset()).await.unwrap();
     assert!(hub.entries().unwrap().is_empty());
     let mut per_address: HashMap<String, Vec<&str>> = HashMap::new();
     while let Ok(e) = events.try_recv() {
@@ -449,7 +512,7 @@ async fn reset_disconnects_everything_once() {
     }
     // The hub still works after a reset.
     assert!(matches!(
-        hub.connect(addresses[0], Object::new()).await.unwrap(),
+        dial(&hub, addresses[0], Object::new()).await.unwrap(),
         ConnectOutcome::Connected(_)
     ));
 }
@@ -466,9 +529,13 @@ async fn inbound_connections_match_by_key_and_obey_policies() {
     let inbound = || async {
         let (a, b) = memory::pair(8);
         server.serve_transport(a);
-        connect_transport(b, "testApp", ClientOptions::default())
-            .await
-            .unwrap()
+        within(
+            LIMIT,
+            "an inbound peer's handshake",
+            connect_transport(b, "testApp", ClientOptions::default()),
+        )
+        .await
+        .unwrap()
     };
     // We are dialling the peer when it dials us: its connection takes the entry.
     let dialled = format!("net:10.0.2.1:1~shs:{KEY}");
@@ -478,17 +545,27 @@ async fn inbound_connections_match_by_key_and_obey_policies() {
         let dialled = dialled.clone();
         tokio::spawn(async move { hub.connect(&dialled, Object::new()).await })
     };
-    assert_eq!(next(&mut events).await.kind(), "connecting");
-    hub.register_inbound("net:10.0.2.1:5555", Some(key), inbound().await)
-        .await
-        .unwrap();
-    assert!(matches!(connecting.await.unwrap(), Err(HubError::Aborted)));
+    assert_eq!(next(&mut events, "connecting").await.kind(), "connecting");
+    let conn = inbound().await;
+    within(
+        LIMIT,
+        "registering the inbound peer",
+        hub.register_inbound("net:10.0.2.1:5555", Some(key), conn),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        within(LIMIT, "the superseded connect to end", connecting)
+            .await
+            .unwrap(),
+        Err(HubError::Aborted)
+    ));
     let entries = hub.entries().unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].0, dialled);
     assert_eq!(entries[0].1.direction, Some(Direction::Inbound));
     assert!(matches!(
-        next(&mut events).await,
+        next(&mut events, "inbound connected").await,
         HubEvent::Connected {
             direction: Direction::Inbound,
             ..
@@ -497,25 +574,37 @@ async fn inbound_connections_match_by_key_and_obey_policies() {
 
     // Another address of the same key is refused by OnePerKey, inbound or outbound.
     let refused = inbound().await;
-    let err = hub
-        .register_inbound("net:10.0.2.1:6666", Some(key), refused.clone())
-        .await
-        .unwrap_err();
+    let err = within(
+        LIMIT,
+        "the OnePerKey refusal of a second inbound",
+        hub.register_inbound("net:10.0.2.1:6666", Some(key), refused.clone()),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, HubError::Refused(_)));
-    refused.closed().await;
+    within(LIMIT, "the refused inbound to close", refused.closed()).await;
     assert!(matches!(
-        hub.connect(&format!("ws://10.0.2.1:80~shs:{KEY}"), Object::new())
-            .await,
+        dial(&hub, &format!("ws://10.0.2.1:80~shs:{KEY}"), Object::new()).await,
         Err(HubError::Refused(_))
     ));
     // A peer with another key is fine, up to MaxConnections(2).
     let other = PeerKey::parse(KEY2).unwrap();
-    hub.register_inbound("net:10.0.2.2:1", Some(other), inbound().await)
-        .await
-        .unwrap();
+    let conn = inbound().await;
+    within(
+        LIMIT,
+        "registering an inbound peer with another key",
+        hub.register_inbound("net:10.0.2.2:1", Some(other), conn),
+    )
+    .await
+    .unwrap();
+    let conn = inbound().await;
     assert!(matches!(
-        hub.register_inbound("net:10.0.2.3:1", None, inbound().await)
-            .await,
+        within(
+            LIMIT,
+            "the MaxConnections refusal of a third inbound",
+            hub.register_inbound("net:10.0.2.3:1", None, conn)
+        )
+        .await,
         Err(HubError::Refused(_))
     ));
     assert_eq!(hub.entries().unwrap().len(), 2);
@@ -525,17 +614,26 @@ async fn inbound_connections_match_by_key_and_obey_policies() {
 async fn a_hub_of_200_peers() {
     let server = example_server();
     let mut addresses = Vec::new();
-    for _ in 0..200 {
-        let addr = server
-            .listen("jstp://127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+    for i in 0..200 {
+        let what = format!("TCP listener {i}");
+        let addr = within(
+            LIMIT,
+            &what,
+            server.listen("jstp://127.0.0.1:0".parse().unwrap()),
+        )
+        .await
+        .unwrap();
         addresses.push(format!("net:{addr}"));
     }
     let hub = Hub::new(HubOptions::jstp("testApp"));
     let mut events = hub.listen().unwrap();
     let dials = addresses.iter().map(|a| hub.connect(a, Object::new()));
-    let outcomes = futures::future::join_all(dials).await;
+    let outcomes = within(
+        LIMIT,
+        "the hub's 200 concurrent connects",
+        futures::future::join_all(dials),
+    )
+    .await;
     assert!(outcomes
         .iter()
         .all(|o| matches!(o, Ok(ConnectOutcome::Connected(_)))));
@@ -543,15 +641,18 @@ async fn a_hub_of_200_peers() {
     assert_eq!(entries.len(), 200);
     assert!(entries.iter().all(|(_, e)| e.state == HubState::Connected));
     assert_eq!(server.clients().len(), 200);
-    hub.close().await;
+    close(&hub).await;
     let seen = Arc::new(Mutex::new(HashMap::<String, Vec<&str>>::new()));
-    while let Ok(e) = events.recv().await {
-        seen.lock()
-            .unwrap()
-            .entry(e.address().to_owned())
-            .or_default()
-            .push(e.kind());
-    }
+    within(LIMIT, "the hub's event stream to end after close", async {
+        while let Ok(e) = events.recv().await {
+            seen.lock()
+                .unwrap()
+                .entry(e.address().to_owned())
+                .or_default()
+                .push(e.kind());
+        }
+    })
+    .await;
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 200);
     for (address, kinds) in seen.iter() {

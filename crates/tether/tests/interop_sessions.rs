@@ -8,11 +8,21 @@
 mod common;
 
 use common::{certs, node_server, scenario, url, KINDS};
+use std::future::Future;
 use std::time::Duration;
 use tether::example::{test_app, ChatHub};
 use tether::reconnect::Backoff;
 use tether::transport::{server_config, ListenerOptions};
 use tether::{connect, ClientOptions, ConnectionEvent, Server, Value};
+
+/// Upper bound for anything a test waits for; reaching it fails the test.
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn their_client_restores_its_session_on_our_server() {
@@ -32,13 +42,19 @@ async fn their_client_restores_its_session_on_our_server() {
             "unix" => format!("unix:{}", sock.display()),
             other => url(other, "127.0.0.1:0"),
         };
-        let addr = server.listen(endpoint.parse().unwrap()).await.unwrap();
+        let addr = within("listen", server.listen(endpoint.parse().unwrap()))
+            .await
+            .unwrap();
         urls.push((kind, url(kind, &addr)));
     }
     let mut events = server.events();
     for (kind, url) in urls {
-        let steps = scenario(&url, "restore", &["--strict"]);
-        let steps: Vec<String> = steps.await.iter().map(|s| s["step"].to_string()).collect();
+        let steps = within(
+            "the restore scenario",
+            scenario(&url, "restore", &["--strict"]),
+        )
+        .await;
+        let steps: Vec<String> = steps.iter().map(|s| s["step"].to_string()).collect();
         for step in [
             "answer",
             "drop",
@@ -51,55 +67,66 @@ async fn their_client_restores_its_session_on_our_server() {
             assert!(steps.contains(&quoted), "{kind}: no {step} in {steps:?}");
         }
         // Our server saw the restore.
-        loop {
-            match events.recv().await.unwrap() {
-                tether::ServerEvent::RestoreSession(_) => break,
-                _ => continue,
+        within(&format!("{kind}: ServerEvent::RestoreSession"), async {
+            loop {
+                if let tether::ServerEvent::RestoreSession(_) = events.recv().await.unwrap() {
+                    break;
+                }
             }
-        }
+        })
+        .await;
     }
-    server.shutdown().await;
+    within("server shutdown", server.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_client_restores_its_session_on_their_server() {
     let certs = certs();
-    let (_node, urls) = node_server(&certs, &[]).await;
+    let (_node, urls) = within("the node server", node_server(&certs, &[])).await;
     for (kind, url) in urls {
         let mut options = ClientOptions::default().reconnector(Backoff::fixed_range(
             Duration::from_millis(300),
             Duration::from_millis(300),
         ));
         options.transport.tls.insecure = true;
-        let conn = connect(&url, "testApp@1.0.0", options).await.unwrap();
+        let conn = within("connect", connect(&url, "testApp@1.0.0", options))
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
         let session = conn.session_id();
         let mut events = conn.events();
         assert_eq!(
-            conn.call("calculator", "answer", vec![]).await.unwrap(),
+            within("answer", conn.call("calculator", "answer", vec![]))
+                .await
+                .unwrap(),
             vec![Value::from(42)],
             "{kind}"
         );
         // Their server emits to this connection 100 ms from now, while the transport is down
         // (our reconnect waits 300 ms), then drops the transport.
-        conn.call(
-            "control",
-            "emitLater",
-            vec![
-                "chat".into(),
-                "late".into(),
-                Value::from(vec![Value::from(kind)]),
-                100.into(),
-            ],
+        let later = vec![
+            "chat".into(),
+            "late".into(),
+            Value::from(vec![Value::from(kind)]),
+            100.into(),
+        ];
+        within(
+            "control.emitLater",
+            conn.call("control", "emitLater", later),
         )
         .await
         .unwrap();
-        conn.call("control", "drop", vec![]).await.unwrap();
+        within("control.drop", conn.call("control", "drop", vec![]))
+            .await
+            .unwrap();
         // Wait until the drop is seen, then call while offline.
-        loop {
-            if let ConnectionEvent::ReconnectAttempt { .. } = events.recv().await.unwrap() {
-                break;
+        within(&format!("{kind}: a reconnect attempt"), async {
+            loop {
+                if let ConnectionEvent::ReconnectAttempt { .. } = events.recv().await.unwrap() {
+                    break;
+                }
             }
-        }
+        })
+        .await;
         let offline = {
             let conn = conn.clone();
             tokio::spawn(async move {
@@ -107,33 +134,33 @@ async fn our_client_restores_its_session_on_their_server() {
                     .await
             })
         };
-        let mut restored = false;
-        let mut late = 0;
-        while !(restored && late == 1) {
-            match tokio::time::timeout(Duration::from_secs(30), events.recv())
-                .await
-                .expect("no restore")
-                .unwrap()
-            {
-                ConnectionEvent::Reconnect { error: None } => restored = true,
-                ConnectionEvent::Reconnect { error: Some(e) } => panic!("{kind}: {e}"),
-                ConnectionEvent::Event { iface, event, args } if event == "late" => {
-                    assert_eq!(iface, "chat");
-                    assert_eq!(args, vec![Value::from(kind)]);
-                    late += 1;
+        let (mut restored, mut late) = (false, 0);
+        within(&format!("{kind}: the restore and the late event"), async {
+            while !(restored && late == 1) {
+                match events.recv().await.unwrap() {
+                    ConnectionEvent::Reconnect { error: None } => restored = true,
+                    ConnectionEvent::Reconnect { error: Some(e) } => panic!("{kind}: {e}"),
+                    ConnectionEvent::Event { iface, event, args } if event == "late" => {
+                        assert_eq!(iface, "chat");
+                        assert_eq!(args, vec![Value::from(kind)]);
+                        late += 1;
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
+        })
+        .await;
         assert_eq!(
-            offline.await.unwrap().unwrap(),
+            within("the offline call", offline).await.unwrap().unwrap(),
             vec![Value::from("offline")],
             "{kind}"
         );
         assert_eq!(conn.session_id(), session, "{kind}");
         // A round trip after the restore; the late event came exactly once.
         assert_eq!(
-            conn.call("calculator", "answer", vec![]).await.unwrap(),
+            within("answer", conn.call("calculator", "answer", vec![]))
+                .await
+                .unwrap(),
             vec![Value::from(42)]
         );
         while let Ok(ev) = events.try_recv() {
@@ -141,6 +168,6 @@ async fn our_client_restores_its_session_on_their_server() {
                 assert_ne!(event, "late", "{kind}: event delivered twice");
             }
         }
-        conn.close().await;
+        within("close", conn.close()).await;
     }
 }

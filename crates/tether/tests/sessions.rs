@@ -2,6 +2,9 @@
 //! resend in both directions, CALLBACK_LOST and call_with_resend, restore from a session store
 //! on another server, and a chaos run with many cuts.
 
+mod common;
+
+use common::{within, LIMIT};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,11 +93,20 @@ async fn setup_with(store: Option<Arc<dyn SessionStore>>, heartbeat: Option<Dura
     }
     let server = builder.build().unwrap();
     let server_events = server.events();
-    let addr = server
-        .listen("jstp://127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = CutProxy::start(addr.parse().unwrap()).await.unwrap();
+    let addr = within(
+        LIMIT,
+        "the server's TCP listener",
+        server.listen("jstp://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let proxy = within(
+        LIMIT,
+        "the cut proxy",
+        CutProxy::start(addr.parse().unwrap()),
+    )
+    .await
+    .unwrap();
     Setup {
         server,
         proxy,
@@ -119,7 +131,37 @@ fn fast_reconnect() -> ClientOptions {
 
 async fn client(setup: &Setup) -> Connection {
     let url = format!("jstp://{}", setup.proxy.local_addr());
-    connect(&url, "svc", fast_reconnect()).await.unwrap()
+    connected(&url, fast_reconnect()).await
+}
+
+/// Connects to `svc` at `url`, with a deadline.
+async fn connected(url: &str, options: ClientOptions) -> Connection {
+    within(
+        LIMIT,
+        &format!("the handshake with svc at {url}"),
+        connect(url, "svc", options),
+    )
+    .await
+    .unwrap()
+}
+
+/// `conn.call("log", method, args)` with a deadline naming the call.
+async fn call(conn: &Connection, method: &str, args: Vec<Value>) -> Result<Vec<Value>, Error> {
+    let what = format!("the answer to log.{method}{args:?}");
+    within(LIMIT, &what, conn.call("log", method, args)).await
+}
+
+/// `conn.emit("log", event, args)` with a deadline naming the event.
+async fn emit(conn: &Connection, event: &str, args: Vec<Value>) {
+    let what = format!("room to emit log.{event}{args:?}");
+    within(LIMIT, &what, conn.emit("log", event, args))
+        .await
+        .unwrap();
+}
+
+/// `conn.close()` with a deadline.
+async fn close(conn: &Connection) {
+    within(LIMIT, "the client's close", conn.close()).await;
 }
 
 /// Waits for the next successful reconnect of `conn`.
@@ -135,18 +177,19 @@ async fn reconnected(events: &mut broadcast::Receiver<ConnectionEvent>) {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), wait)
-        .await
-        .expect("no reconnect");
+    within(LIMIT, "a successful Reconnect event", wait).await;
 }
 
 /// The server-side connection of the next client to connect.
 async fn next_server_conn(events: &mut broadcast::Receiver<ServerEvent>) -> Connection {
-    loop {
-        if let ServerEvent::Connect(c) = events.recv().await.unwrap() {
-            return c;
+    within(LIMIT, "the server's Connect event", async {
+        loop {
+            if let ServerEvent::Connect(c) = events.recv().await.unwrap() {
+                return c;
+            }
         }
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,7 +199,7 @@ async fn calls_and_events_made_while_cut_are_sent_once_after_restore() {
     let server_conn = next_server_conn(&mut s.server_events).await;
     let mut events = conn.events();
     assert_eq!(
-        conn.call("log", "add", vec![1.into()]).await.unwrap(),
+        call(&conn, "add", vec![1.into()]).await.unwrap(),
         vec![Value::from(1)]
     );
 
@@ -166,12 +209,18 @@ async fn calls_and_events_made_while_cut_are_sent_once_after_restore() {
         let conn = conn.clone();
         tokio::spawn(async move { conn.call("log", "add", vec![2.into()]).await })
     };
-    conn.emit("log", "note", vec![3.into()]).await.unwrap();
+    emit(&conn, "note", vec![3.into()]).await;
     reconnected(&mut events).await;
-    assert_eq!(pending.await.unwrap().unwrap(), vec![Value::from(2)]);
+    assert_eq!(
+        within(LIMIT, "the answer to log.add(2), sent while cut", pending)
+            .await
+            .unwrap()
+            .unwrap(),
+        vec![Value::from(2)]
+    );
     // One more round trip so the note (sent before it) has been handled.
     assert_eq!(
-        conn.call("log", "add", vec![4.into()]).await.unwrap(),
+        call(&conn, "add", vec![4.into()]).await.unwrap(),
         vec![Value::from(4)]
     );
     {
@@ -183,7 +232,7 @@ async fn calls_and_events_made_while_cut_are_sent_once_after_restore() {
     assert_eq!(s.server.clients().len(), 1);
     assert_eq!(s.server.clients()[0].id(), server_conn.id());
     assert_eq!(conn.session_id(), server_conn.session_id());
-    conn.close().await;
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,24 +246,43 @@ async fn a_call_whose_callback_is_lost_fails_with_callback_lost_and_resend_runs_
         let conn = conn.clone();
         tokio::spawn(async move { conn.call("log", "block", vec![]).await })
     };
-    s.entered.recv().await.unwrap();
+    within(LIMIT, "log.block to be entered", s.entered.recv())
+        .await
+        .unwrap();
     s.proxy.cut();
     s.release.notify_one();
     reconnected(&mut events).await;
-    assert!(matches!(call.await.unwrap(), Err(Error::CallbackLost)));
+    assert!(matches!(
+        within(LIMIT, "the lost call to fail", call).await.unwrap(),
+        Err(Error::CallbackLost)
+    ));
 
     // With resend: the lost call is issued again under a new id and answered.
     let call = {
         let conn = conn.clone();
         tokio::spawn(async move { conn.call_with_resend("log", "block", vec![]).await })
     };
-    s.entered.recv().await.unwrap();
+    within(LIMIT, "log.block to be entered", s.entered.recv())
+        .await
+        .unwrap();
     s.proxy.cut();
     s.release.notify_one();
-    s.entered.recv().await.unwrap(); // the resent call arrives
+    within(
+        LIMIT,
+        "the resent log.block to be entered",
+        s.entered.recv(),
+    )
+    .await
+    .unwrap();
     s.release.notify_one();
-    assert_eq!(call.await.unwrap().unwrap(), vec![Value::from("released")]);
-    conn.close().await;
+    assert_eq!(
+        within(LIMIT, "the answer to the resent log.block", call)
+            .await
+            .unwrap()
+            .unwrap(),
+        vec![Value::from("released")]
+    );
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,12 +294,9 @@ async fn server_resends_events_the_client_missed() {
 
     s.proxy.cut();
     for i in 1..=100 {
-        server_conn
-            .emit("log", "tick", vec![i.into()])
-            .await
-            .unwrap();
+        emit(&server_conn, "tick", vec![i.into()]).await;
     }
-    server_conn.emit("log", "done", vec![]).await.unwrap();
+    emit(&server_conn, "done", vec![]).await;
     let mut ticks = Vec::new();
     let collect = async {
         loop {
@@ -244,11 +309,9 @@ async fn server_resends_events_the_client_missed() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), collect)
-        .await
-        .expect("events never arrived");
+    within(LIMIT, "the 100 ticks and the done event", collect).await;
     assert_eq!(ticks, (1..=100).collect::<Vec<i64>>());
-    conn.close().await;
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,27 +330,42 @@ async fn a_session_restores_on_another_server_through_a_shared_store() {
         })
     });
     let url = format!("jstp://{}", first.proxy.local_addr());
-    let conn = connect(&url, "svc", options).await.unwrap();
+    let conn = connected(&url, options).await;
     let mut events = conn.events();
     assert_eq!(
-        conn.call("log", "add", vec![1.into()]).await.unwrap(),
+        call(&conn, "add", vec![1.into()]).await.unwrap(),
         vec![Value::from(1)]
     );
 
     // The first server goes away for good; its sessions are saved as it shuts down.
-    first.server.shutdown().await;
+    within(
+        LIMIT,
+        "the first server's shutdown",
+        first.server.shutdown(),
+    )
+    .await;
     let pending = {
         let conn = conn.clone();
         tokio::spawn(async move { conn.call("log", "add", vec![2.into()]).await })
     };
     reconnected(&mut events).await;
-    assert_eq!(pending.await.unwrap().unwrap(), vec![Value::from(2)]);
+    assert_eq!(
+        within(
+            LIMIT,
+            "the answer to log.add(2) from the second server",
+            pending
+        )
+        .await
+        .unwrap()
+        .unwrap(),
+        vec![Value::from(2)]
+    );
     assert_eq!(first.seen.lock().unwrap().adds, vec![1]);
     assert_eq!(second.seen.lock().unwrap().adds, vec![2]);
     let restored = second.server.clients();
     assert_eq!(restored.len(), 1);
     assert_eq!(restored[0].session_id(), conn.session_id());
-    conn.close().await;
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,70 +386,70 @@ async fn an_unknown_session_is_retried_or_replaced_as_configured() {
 
     // Upstream's behaviour: the unknown session is retried (here until the reconnector gives
     // up) and the connection finally closes.
-    let retrying = connect(
-        &url,
-        "svc",
-        ClientOptions::default().reconnector(to_fresh.clone()),
-    )
-    .await
-    .unwrap();
+    let retrying = connected(&url, ClientOptions::default().reconnector(to_fresh.clone())).await;
     let mut events = retrying.events();
     gone.proxy.cut();
-    let mut refusals = 0;
-    loop {
-        match events.recv().await.unwrap() {
-            ConnectionEvent::Reconnect { error: Some(_) } => refusals += 1,
-            ConnectionEvent::Close => break,
-            _ => {}
+    let refusals = within(LIMIT, "3 refused reconnects, then Close", async {
+        let mut refusals = 0;
+        loop {
+            match events.recv().await.unwrap() {
+                ConnectionEvent::Reconnect { error: Some(_) } => refusals += 1,
+                ConnectionEvent::Close => return refusals,
+                _ => {}
+            }
         }
-    }
+    })
+    .await;
     assert_eq!(refusals, 3);
-    retrying.closed().await;
+    within(LIMIT, "the retrying client to close", retrying.closed()).await;
 
     // With the fallback: a new session on the new server; what was in flight is lost.
-    let falling_back = connect(
+    let falling_back = connected(
         &url,
-        "svc",
         ClientOptions::default()
             .reconnector(to_fresh)
             .fallback_to_new_session(true),
     )
-    .await
-    .unwrap();
+    .await;
     let old_session = falling_back.session_id();
     let mut events = falling_back.events();
     gone.proxy.cut();
     reconnected(&mut events).await;
     assert_ne!(falling_back.session_id(), old_session);
     assert_eq!(
-        falling_back
-            .call("log", "add", vec![7.into()])
-            .await
-            .unwrap(),
+        call(&falling_back, "add", vec![7.into()]).await.unwrap(),
         vec![Value::from(7)]
     );
     assert_eq!(fresh.seen.lock().unwrap().adds, vec![7]);
-    falling_back.close().await;
+    close(&falling_back).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_ends_reconnecting_and_fails_what_is_pending() {
     let s = setup_with(None, None).await;
     let conn = client(&s).await;
-    s.server.shutdown().await;
+    within(LIMIT, "the server's shutdown", s.server.shutdown()).await;
     // The server is gone: the client keeps trying until closed.
     let pending = {
         let conn = conn.clone();
         tokio::spawn(async move { conn.call("log", "add", vec![1.into()]).await })
     };
     let mut events = conn.events();
-    loop {
-        if let ConnectionEvent::ReconnectAttempt { .. } = events.recv().await.unwrap() {
-            break;
+    within(LIMIT, "a ReconnectAttempt event", async {
+        loop {
+            if let ConnectionEvent::ReconnectAttempt { .. } = events.recv().await.unwrap() {
+                break;
+            }
         }
-    }
-    conn.close().await;
-    assert!(matches!(pending.await.unwrap(), Err(Error::Closed)));
+    })
+    .await;
+    close(&conn).await;
+    assert!(matches!(
+        within(LIMIT, "the pending call to fail on close", pending)
+            .await
+            .unwrap(),
+        Err(Error::Closed)
+    ));
     assert!(conn.is_closed());
 }
 
@@ -480,17 +558,22 @@ async fn chaos_cuts_lose_and_duplicate_nothing() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(120), async {
+    // Longer than LIMIT: the whole run, thousands of round trips on a loaded machine.
+    let run = Duration::from_secs(120);
+    within(run, "all 3000 calls to be answered", async {
         for c in callers {
             c.await.unwrap();
         }
-        emitter.await.unwrap();
-        collect.await;
     })
-    .await
-    .expect("chaos run did not finish");
+    .await;
+    within(run, "the emitter to emit all 3000 events", emitter)
+        .await
+        .unwrap();
+    within(run, "the 3000 tick events and the done event", collect).await;
     stop.notify_one();
-    let (cuts, links) = chaos.await.unwrap();
+    let (cuts, links) = within(LIMIT, "the chaos task to stop", chaos)
+        .await
+        .unwrap();
 
     assert_eq!(
         ticks,
@@ -509,7 +592,7 @@ async fn chaos_cuts_lose_and_duplicate_nothing() {
     assert!(cuts >= 10, "only {cuts} cuts happened");
     // Every cut was followed by a reconnect through the proxy.
     assert!(links > u64::from(cuts), "{links} links for {cuts} cuts");
-    conn.close().await;
+    close(&conn).await;
 }
 
 /// A peer that only receives events never confirms them by itself; the sender pings for a
@@ -526,23 +609,21 @@ async fn an_event_only_stream_keeps_the_buffer_small() {
         .build()
         .unwrap();
     let mut server_events = server.events();
-    let addr = server
-        .listen("jstp://127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let conn = connect(&format!("jstp://{addr}"), "svc", fast_reconnect())
-        .await
-        .unwrap();
+    let addr = within(
+        LIMIT,
+        "the server's TCP listener",
+        server.listen("jstp://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let conn = connected(&format!("jstp://{addr}"), fast_reconnect()).await;
     let server_conn = next_server_conn(&mut server_events).await;
     let mut server_side = server_conn.events();
     let mut events = conn.events();
     let mut got = 0i64;
     for batch in 0..4i64 {
         for i in 0..600i64 {
-            server_conn
-                .emit("log", "tick", vec![(batch * 600 + i).into()])
-                .await
-                .unwrap();
+            emit(&server_conn, "tick", vec![(batch * 600 + i).into()]).await;
         }
         let all = async {
             while got < (batch + 1) * 600 {
@@ -552,15 +633,17 @@ async fn an_event_only_stream_keeps_the_buffer_small() {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(20), all)
-            .await
-            .expect("events were dropped");
+        let what = format!(
+            "the ticks of batch {batch} (up to #{})",
+            (batch + 1) * 600 - 1
+        );
+        within(LIMIT, &what, all).await;
         // A round trip after the client's pong, so the server has seen the confirmation.
-        conn.call("log", "add", vec![batch.into()]).await.unwrap();
+        call(&conn, "add", vec![batch.into()]).await.unwrap();
     }
     // Without the automatic pings 2400 unconfirmed events would have overflowed 1024.
     while let Ok(ev) = server_side.try_recv() {
         assert!(!matches!(ev, ConnectionEvent::Error { .. }), "{ev:?}");
     }
-    conn.close().await;
+    close(&conn).await;
 }

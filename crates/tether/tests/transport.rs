@@ -1,7 +1,9 @@
 //! Transport tests over loopback: TCP, TLS, Unix sockets, WS and WSS.
 
+mod common;
+
+use common::{within, LIMIT};
 use futures::{SinkExt, StreamExt};
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +23,6 @@ const ALL: [TransportKind; 5] = [
     TransportKind::Ws,
     TransportKind::Wss,
 ];
-
-/// Fails the test instead of hanging.
-async fn within<T>(fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), fut)
-        .await
-        .expect("test step timed out")
-}
 
 /// A self-signed certificate for localhost/127.0.0.1, written to a temp dir.
 struct Certs {
@@ -100,7 +95,8 @@ async fn setup(kind: TransportKind, options: ListenerOptions) -> Setup {
 impl Setup {
     /// Connects a client and accepts it: (client, server).
     async fn pair(&mut self) -> (Transport, Transport) {
-        let (client, server) = within(async {
+        let what = format!("a {:?} connect and its accept", self.listener.kind());
+        let (client, server) = within(LIMIT, &what, async {
             tokio::join!(
                 connect(&self.endpoint, &self.client),
                 self.listener.accept()
@@ -109,17 +105,42 @@ impl Setup {
         .await;
         (client.unwrap(), server.unwrap().unwrap())
     }
-}
 
-async fn next(t: &mut Transport) -> Option<Result<String, TransportError>> {
-    within(t.incoming.next()).await
-}
-
-async fn recv(t: &mut Transport) -> String {
-    match next(t).await {
-        Some(Ok(m)) => m,
-        other => panic!("{:?}: expected a message, got {other:?}", t.info.kind),
+    /// The listener's next accept result; `what` names the connection expected.
+    async fn accept(&mut self, what: &str) -> Option<Result<Transport, TransportError>> {
+        let what = format!("the {:?} listener to accept {what}", self.listener.kind());
+        within(LIMIT, &what, self.listener.accept()).await
     }
+}
+
+/// The next item of `t`'s stream; `what` names it (the transport kind is added).
+async fn next(t: &mut Transport, what: &str) -> Option<Result<String, TransportError>> {
+    let what = format!("{what} ({:?})", t.info.kind);
+    within(LIMIT, &what, t.incoming.next()).await
+}
+
+async fn recv(t: &mut Transport, what: &str) -> String {
+    match next(t, what).await {
+        Some(Ok(m)) => m,
+        other => panic!("{:?}: expected {what}, got {other:?}", t.info.kind),
+    }
+}
+
+/// Sends `msg` on `t`, with a deadline naming (the start of) the message.
+async fn send(t: &mut Transport, msg: impl Into<String>) -> Result<(), TransportError> {
+    let msg = msg.into();
+    let what = format!(
+        "room to send {}… ({:?})",
+        msg.chars().take(32).collect::<String>(),
+        t.info.kind
+    );
+    within(LIMIT, &what, t.outgoing.send(msg)).await
+}
+
+/// Closes `t`'s sink, with a deadline; `side` names it.
+async fn close(t: &mut Transport, side: &str) -> Result<(), TransportError> {
+    let what = format!("the {side}'s {:?} sink to close", t.info.kind);
+    within(LIMIT, &what, t.outgoing.close()).await
 }
 
 fn big_message(len: usize) -> String {
@@ -154,7 +175,7 @@ async fn exchange_both_ways_on_every_transport() {
         }
 
         // Batched writes: feed many, flush once.
-        within(async {
+        within(LIMIT, "feeding and flushing 500 pings", async {
             for i in 0..500 {
                 client
                     .outgoing
@@ -166,30 +187,34 @@ async fn exchange_both_ways_on_every_transport() {
         })
         .await;
         for i in 0..500 {
-            assert_eq!(recv(&mut server).await, format!("{{ping:[{i}]}}"));
+            let what = format!("ping {i} of 500 at the server");
+            assert_eq!(recv(&mut server, &what).await, format!("{{ping:[{i}]}}"));
         }
-        within(server.outgoing.send("{pong:[1]}".into()))
-            .await
-            .unwrap();
-        assert_eq!(recv(&mut client).await, "{pong:[1]}");
+        send(&mut server, "{pong:[1]}").await.unwrap();
+        assert_eq!(
+            recv(&mut client, "the pong at the client").await,
+            "{pong:[1]}"
+        );
 
         // 3 MiB both ways (concurrently, so neither side blocks on a full socket buffer).
         let big = big_message(3 * 1024 * 1024);
-        let (sent, got) =
-            within(async { tokio::join!(client.outgoing.send(big.clone()), recv(&mut server)) })
-                .await;
+        let (sent, got) = tokio::join!(
+            send(&mut client, big.clone()),
+            recv(&mut server, "3 MiB at the server")
+        );
         sent.unwrap();
         assert_eq!(got.len(), big.len(), "{kind:?}");
         assert!(got == big, "{kind:?}: 3 MiB message corrupted");
-        let (sent, got) =
-            within(async { tokio::join!(server.outgoing.send(big.clone()), recv(&mut client)) })
-                .await;
+        let (sent, got) = tokio::join!(
+            send(&mut server, big.clone()),
+            recv(&mut client, "3 MiB at the client")
+        );
         sent.unwrap();
         assert!(got == big, "{kind:?}: 3 MiB message corrupted");
 
         // Unframeable messages are refused locally.
         assert!(matches!(
-            within(client.outgoing.send(String::new())).await,
+            send(&mut client, String::new()).await,
             Err(TransportError::Frame(FrameError::Empty))
         ));
     }
@@ -202,35 +227,39 @@ async fn closing_the_sink_ends_the_peers_stream() {
 
         // Client closes.
         let (mut client, mut server) = s.pair().await;
-        within(client.outgoing.send("{last:1}".into()))
-            .await
-            .unwrap();
-        within(client.outgoing.close()).await.unwrap();
-        assert_eq!(recv(&mut server).await, "{last:1}");
-        assert!(next(&mut server).await.is_none(), "{kind:?}");
+        send(&mut client, "{last:1}").await.unwrap();
+        close(&mut client, "client").await.unwrap();
+        assert_eq!(
+            recv(&mut server, "{last:1} at the server").await,
+            "{last:1}"
+        );
+        let end = next(&mut server, "the end of the server's stream").await;
+        assert!(end.is_none(), "{kind:?}");
         // The other direction still works until the server closes too (half-close).
-        within(server.outgoing.close()).await.unwrap();
-        assert!(next(&mut client).await.is_none(), "{kind:?}");
+        close(&mut server, "server").await.unwrap();
+        let end = next(&mut client, "the end of the client's stream").await;
+        assert!(end.is_none(), "{kind:?}");
 
         // Server closes first.
         let (mut client, mut server) = s.pair().await;
-        within(server.outgoing.send("{bye:1}".into()))
-            .await
-            .unwrap();
-        within(server.outgoing.close()).await.unwrap();
-        let (c, srv) = within(async {
-            // The client sees the end and closes its side, as the connection driver does.
-            let c = async {
-                let first = recv(&mut client).await;
-                let ended = next(&mut client).await.is_none();
-                let closed = client.outgoing.close().await;
-                (first, ended, closed)
-            };
-            // The server keeps reading until the client's side has finished closing.
-            let srv = async { next(&mut server).await.is_none() };
-            tokio::join!(c, srv)
-        })
-        .await;
+        send(&mut server, "{bye:1}").await.unwrap();
+        close(&mut server, "server").await.unwrap();
+        // The client sees the end and closes its side, as the connection driver does.
+        let c = async {
+            let first = recv(&mut client, "{bye:1} at the client").await;
+            let ended = next(&mut client, "the end of the client's stream")
+                .await
+                .is_none();
+            let closed = close(&mut client, "client").await;
+            (first, ended, closed)
+        };
+        // The server keeps reading until the client's side has finished closing.
+        let srv = async {
+            next(&mut server, "the end of the server's stream")
+                .await
+                .is_none()
+        };
+        let (c, srv) = tokio::join!(c, srv);
         assert_eq!(c.0, "{bye:1}");
         assert!(c.1, "{kind:?}: client stream did not end");
         assert!(c.2.is_ok(), "{kind:?}: {:?}", c.2);
@@ -247,26 +276,33 @@ async fn over_long_message_is_a_frame_error() {
         // One frame over the limit (WS: unfragmented) and one fragmented message over it.
         for len in [64 * 1024 + 10, 100 * 1024] {
             let (mut client, mut server) = s.pair().await;
-            within(client.outgoing.send("{ok:1}".into())).await.unwrap();
-            assert_eq!(recv(&mut server).await, "{ok:1}");
+            send(&mut client, "{ok:1}").await.unwrap();
+            assert_eq!(recv(&mut server, "{ok:1} at the server").await, "{ok:1}");
             let msg = big_message(len);
             let client_side = tokio::spawn(async move {
                 // The server may drop the connection mid-send; that's fine here.
                 let _ = client.outgoing.send(msg).await;
                 client
             });
-            match next(&mut server).await {
+            let what = format!("the TooLarge error for {len} bytes");
+            match next(&mut server, &what).await {
                 Some(Err(TransportError::Frame(FrameError::TooLarge { limit }))) => {
                     assert_eq!(limit, 64 * 1024, "{kind:?}")
                 }
                 other => panic!("{kind:?}: expected TooLarge, got {other:?}"),
             }
             assert!(
-                next(&mut server).await.is_none(),
+                next(&mut server, "the end of the stream after TooLarge")
+                    .await
+                    .is_none(),
                 "{kind:?}: stream must end"
             );
             drop(server);
-            drop(within(client_side).await.unwrap());
+            drop(
+                within(LIMIT, "the over-long send to end", client_side)
+                    .await
+                    .unwrap(),
+            );
         }
     }
 }
@@ -277,12 +313,10 @@ async fn client_limit_applies_to_incoming_messages() {
         let mut s = setup(kind, ListenerOptions::default()).await;
         s.client.max_message_size = 1000;
         let (mut client, mut server) = s.pair().await;
-        within(server.outgoing.send(big_message(2000)))
-            .await
-            .unwrap();
+        send(&mut server, big_message(2000)).await.unwrap();
         assert!(
             matches!(
-                next(&mut client).await,
+                next(&mut client, "the client's TooLarge error").await,
                 Some(Err(TransportError::Frame(FrameError::TooLarge {
                     limit: 1000
                 })))
@@ -300,25 +334,40 @@ async fn nul_framing_errors_reach_the_stream() {
         (&b"{a:1}\0\0"[..], FrameError::Empty),
         (&b"{a:1}\0{b:'\xff'}\0"[..], FrameError::InvalidUtf8),
     ] {
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        let mut server = within(s.listener.accept()).await.unwrap().unwrap();
-        raw.write_all(bytes).await.unwrap();
-        assert_eq!(recv(&mut server).await, "{a:1}");
-        match next(&mut server).await {
+        let mut raw = within(LIMIT, "a raw TCP connect", TcpStream::connect(&addr))
+            .await
+            .unwrap();
+        let mut server = s.accept("the raw peer").await.unwrap().unwrap();
+        within(LIMIT, "the raw write", raw.write_all(bytes))
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut server, "{a:1} at the server").await, "{a:1}");
+        let what = format!("the {expected:?} error");
+        match next(&mut server, &what).await {
             Some(Err(TransportError::Frame(e))) => assert_eq!(e, expected),
             other => panic!("expected {expected:?}, got {other:?}"),
         }
-        assert!(next(&mut server).await.is_none());
+        assert!(
+            next(&mut server, "the end of the stream after a framing error")
+                .await
+                .is_none()
+        );
     }
     // Bytes on the wire are exactly message + NUL.
-    let mut raw = TcpStream::connect(&addr).await.unwrap();
-    let mut server = within(s.listener.accept()).await.unwrap().unwrap();
-    within(server.outgoing.send("{ping:[1]}".into()))
+    let mut raw = within(LIMIT, "a raw TCP connect", TcpStream::connect(&addr))
         .await
         .unwrap();
-    within(server.outgoing.close()).await.unwrap();
+    let mut server = s.accept("the raw peer").await.unwrap().unwrap();
+    send(&mut server, "{ping:[1]}").await.unwrap();
+    close(&mut server, "server").await.unwrap();
     let mut wire = Vec::new();
-    within(raw.read_to_end(&mut wire)).await.unwrap();
+    within(
+        LIMIT,
+        "the server's bytes up to EOF",
+        raw.read_to_end(&mut wire),
+    )
+    .await
+    .unwrap();
     assert_eq!(wire, b"{ping:[1]}\0");
 }
 
@@ -330,7 +379,11 @@ async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        if within(s.read(&mut byte)).await.unwrap() == 0 {
+        if within(LIMIT, "a byte of the HTTP response head", s.read(&mut byte))
+            .await
+            .unwrap()
+            == 0
+        {
             break;
         }
         head.push(byte[0]);
@@ -348,8 +401,16 @@ fn upgrade_request(extra: &str) -> String {
 }
 
 async fn http_exchange(addr: &str, request: &str) -> String {
-    let mut raw = TcpStream::connect(addr).await.unwrap();
-    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = within(LIMIT, "a raw TCP connect", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    within(
+        LIMIT,
+        "the raw HTTP request write",
+        raw.write_all(request.as_bytes()),
+    )
+    .await
+    .unwrap();
     read_head(&mut raw).await
 }
 
@@ -361,20 +422,24 @@ async fn ws_listener_refuses_non_upgrades_and_missing_subprotocol() {
     let head = http_exchange(&addr, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert!(matches!(
-        within(s.listener.accept()).await,
+        s.accept("a plain GET (refused)").await,
         Some(Err(TransportError::WebSocket(_)))
     ));
 
     let head = http_exchange(&addr, &upgrade_request("")).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     assert!(matches!(
-        within(s.listener.accept()).await,
+        s.accept("an upgrade without a subprotocol (refused)").await,
         Some(Err(TransportError::WebSocket(_)))
     ));
 
     let head = http_exchange(&addr, &upgrade_request("Sec-WebSocket-Protocol: chat\r\n")).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
-    assert!(within(s.listener.accept()).await.unwrap().is_err());
+    assert!(s
+        .accept("an upgrade offering only chat (refused)")
+        .await
+        .unwrap()
+        .is_err());
 
     let head = http_exchange(
         &addr,
@@ -394,12 +459,16 @@ async fn ws_listener_refuses_non_upgrades_and_missing_subprotocol() {
         )),
         "{head}"
     );
-    assert!(within(s.listener.accept()).await.unwrap().is_ok());
+    assert!(s
+        .accept("an upgrade offering metarhia-jstp")
+        .await
+        .unwrap()
+        .is_ok());
 
     // The listener keeps going after the refusals.
     let (mut client, mut server) = s.pair().await;
-    within(client.outgoing.send("{a:1}".into())).await.unwrap();
-    assert_eq!(recv(&mut server).await, "{a:1}");
+    send(&mut client, "{a:1}").await.unwrap();
+    assert_eq!(recv(&mut server, "{a:1} at the server").await, "{a:1}");
 }
 
 /// Reads one raw WebSocket frame: (fin, opcode, payload), unmasking client frames.
@@ -433,7 +502,8 @@ async fn read_fragmented_message(s: &mut TcpStream, expect_masked_max: usize) ->
     let mut data = Vec::new();
     let mut frames = 0;
     loop {
-        let (fin, opcode, payload) = within(read_frame(s)).await;
+        let what = format!("WebSocket frame {frames} of a fragmented message");
+        let (fin, opcode, payload) = within(LIMIT, &what, read_frame(s)).await;
         assert_eq!(opcode, if frames == 0 { 1 } else { 0 }, "frame {frames}");
         assert!(
             payload.len() <= expect_masked_max && payload.len() < 1024 * 1024,
@@ -452,13 +522,20 @@ async fn read_fragmented_message(s: &mut TcpStream, expect_masked_max: usize) ->
 async fn ws_server_fragments_large_messages_below_one_mib() {
     let mut s = setup(TransportKind::Ws, ListenerOptions::default()).await;
     let addr = s.listener.local_addr();
-    let mut raw = TcpStream::connect(&addr).await.unwrap();
-    raw.write_all(upgrade_request("Sec-WebSocket-Protocol: metarhia-jstp\r\n").as_bytes())
+    let mut raw = within(LIMIT, "a raw TCP connect", TcpStream::connect(&addr))
         .await
         .unwrap();
+    let request = upgrade_request("Sec-WebSocket-Protocol: metarhia-jstp\r\n");
+    within(
+        LIMIT,
+        "the raw upgrade write",
+        raw.write_all(request.as_bytes()),
+    )
+    .await
+    .unwrap();
     let head = read_head(&mut raw).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let mut server = within(s.listener.accept()).await.unwrap().unwrap();
+    let mut server = s.accept("the raw upgrade").await.unwrap().unwrap();
 
     let big = big_message(3 * 1024 * 1024);
     let send = tokio::spawn(async move {
@@ -473,12 +550,14 @@ async fn ws_server_fragments_large_messages_below_one_mib() {
     let (got, frames) = read_fragmented_message(&mut raw, 16 * 1024).await;
     assert!(got == big);
     assert!(frames >= 192, "{frames} frames");
-    let (fin, opcode, payload) = within(read_frame(&mut raw)).await;
+    let (fin, opcode, payload) = within(LIMIT, "the {small:1} frame", read_frame(&mut raw)).await;
     assert_eq!((fin, opcode, &payload[..]), (true, 1, &b"{small:1}"[..]));
-    let mut server = within(send).await.unwrap();
+    let mut server = within(LIMIT, "the server's sends to end", send)
+        .await
+        .unwrap();
     // Closing sends a close frame with status 1000 (Node reports a bare one as 1006).
-    within(server.outgoing.close()).await.unwrap();
-    let (fin, opcode, payload) = within(read_frame(&mut raw)).await;
+    close(&mut server, "server").await.unwrap();
+    let (fin, opcode, payload) = within(LIMIT, "the Close frame", read_frame(&mut raw)).await;
     assert_eq!(
         (fin, opcode, &payload[..]),
         (true, 8, &1000u16.to_be_bytes()[..])
@@ -500,6 +579,7 @@ fn ws_key(head: &str) -> String {
 async fn ws_client_fragments_and_requires_the_subprotocol() {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
+    // Every await here is under the deadline on joining this task.
     let server = tokio::spawn(async move {
         // First connection: accept the upgrade properly and read a fragmented message.
         let (mut raw, _) = tcp.accept().await.unwrap();
@@ -533,12 +613,26 @@ async fn ws_client_fragments_and_requires_the_subprotocol() {
         ws_fragment_size: 1000,
         ..Default::default()
     };
-    let mut client = within(connect(&endpoint, &config)).await.unwrap();
+    let mut client = within(
+        LIMIT,
+        "the WS client's connect",
+        connect(&endpoint, &config),
+    )
+    .await
+    .unwrap();
     let big = big_message(3 * 1024 * 1024);
-    within(client.outgoing.send(big.clone())).await.unwrap();
-    let err = within(connect(&endpoint, &config)).await.unwrap_err();
+    send(&mut client, big.clone()).await.unwrap();
+    let err = within(
+        LIMIT,
+        "the WS connect answered without the subprotocol to fail",
+        connect(&endpoint, &config),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, TransportError::WebSocket(_)), "{err:?}");
-    let (got, frames, _raw) = within(server).await.unwrap();
+    let (got, frames, _raw) = within(LIMIT, "the raw WS server to read the message", server)
+        .await
+        .unwrap();
     assert!(got == big);
     assert!(frames >= 3 * 1024 * 1024 / 1000, "{frames} frames");
 }
@@ -554,8 +648,10 @@ async fn ws_accepts_binary_messages_and_answers_pings() {
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
-    let tcp = TcpStream::connect(&addr).await.unwrap();
-    let (ws, server) = within(async {
+    let tcp = within(LIMIT, "a raw TCP connect", TcpStream::connect(&addr))
+        .await
+        .unwrap();
+    let (ws, server) = within(LIMIT, "a tungstenite connect and its accept", async {
         tokio::join!(
             tokio_tungstenite::client_async(request, tcp),
             s.listener.accept()
@@ -565,23 +661,38 @@ async fn ws_accepts_binary_messages_and_answers_pings() {
     let (mut ws, _) = ws.unwrap();
     let mut server = server.unwrap().unwrap();
 
-    ws.send(Message::binary(b"{a:1}".to_vec())).await.unwrap();
-    ws.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
-    ws.send(Message::text("{b:2}")).await.unwrap();
-    assert_eq!(recv(&mut server).await, "{a:1}");
+    within(LIMIT, "tungstenite's sends", async {
+        ws.send(Message::binary(b"{a:1}".to_vec())).await.unwrap();
+        ws.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
+        ws.send(Message::text("{b:2}")).await.unwrap();
+    })
+    .await;
+    assert_eq!(recv(&mut server, "the binary {a:1}").await, "{a:1}");
     // Reading on (as the driver does) answers the ping.
-    assert_eq!(recv(&mut server).await, "{b:2}");
-    match within(ws.next()).await.unwrap().unwrap() {
+    assert_eq!(recv(&mut server, "the text {b:2}").await, "{b:2}");
+    match within(LIMIT, "the pong at tungstenite", ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         Message::Pong(p) => assert_eq!(&p[..], b"hi"),
         other => panic!("expected a pong, got {other:?}"),
     }
     // Invalid UTF-8 in a binary message is a frame error.
-    ws.send(Message::binary(vec![0xff, 0xfe])).await.unwrap();
+    within(
+        LIMIT,
+        "tungstenite's invalid UTF-8 send",
+        ws.send(Message::binary(vec![0xff, 0xfe])),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
-        next(&mut server).await,
+        next(&mut server, "the InvalidUtf8 error").await,
         Some(Err(TransportError::Frame(FrameError::InvalidUtf8)))
     ));
-    assert!(next(&mut server).await.is_none());
+    assert!(next(&mut server, "the end of the stream after InvalidUtf8")
+        .await
+        .is_none());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -592,11 +703,17 @@ async fn idle_connection_does_not_block_accept() {
     for kind in [TransportKind::Tls, TransportKind::Ws, TransportKind::Wss] {
         let mut s = setup(kind, ListenerOptions::default()).await;
         // Connects and sends nothing: its handshake stays pending.
-        let _idle = TcpStream::connect(s.listener.local_addr()).await.unwrap();
+        let _idle = within(
+            LIMIT,
+            "an idle TCP connect",
+            TcpStream::connect(s.listener.local_addr()),
+        )
+        .await
+        .unwrap();
         let (mut client, mut server) = s.pair().await;
         assert_eq!(server.info.remote_addr, client.info.local_addr, "{kind:?}");
-        within(client.outgoing.send("{a:1}".into())).await.unwrap();
-        assert_eq!(recv(&mut server).await, "{a:1}");
+        send(&mut client, "{a:1}").await.unwrap();
+        assert_eq!(recv(&mut server, "{a:1} at the server").await, "{a:1}");
     }
 }
 
@@ -607,14 +724,20 @@ async fn handshake_timeout_reports_an_error_and_listener_continues() {
         ..Default::default()
     };
     let mut s = setup(TransportKind::Wss, options).await;
-    let _idle = TcpStream::connect(s.listener.local_addr()).await.unwrap();
+    let _idle = within(
+        LIMIT,
+        "an idle TCP connect",
+        TcpStream::connect(s.listener.local_addr()),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
-        within(s.listener.accept()).await,
+        s.accept("the idle peer (to time out after 200 ms)").await,
         Some(Err(TransportError::Timeout(_)))
     ));
     let (mut client, mut server) = s.pair().await;
-    within(server.outgoing.send("{a:1}".into())).await.unwrap();
-    assert_eq!(recv(&mut client).await, "{a:1}");
+    send(&mut server, "{a:1}").await.unwrap();
+    assert_eq!(recv(&mut client, "{a:1} at the client").await, "{a:1}");
 }
 
 #[tokio::test]
@@ -625,7 +748,12 @@ async fn tls_trust_is_required_and_checked() {
         // No trust anchors configured: fails before connecting.
         let none = ClientTransportConfig::default();
         assert!(matches!(
-            within(connect(&s.endpoint, &none)).await,
+            within(
+                LIMIT,
+                "a connect without trust anchors to fail",
+                connect(&s.endpoint, &none)
+            )
+            .await,
             Err(TransportError::Tls(_))
         ));
 
@@ -633,8 +761,10 @@ async fn tls_trust_is_required_and_checked() {
         let other = certs();
         let mut wrong = ClientTransportConfig::default();
         wrong.tls.ca_pem = Some(other.cert.clone());
-        let (client, server) =
-            within(async { tokio::join!(connect(&s.endpoint, &wrong), s.listener.accept()) }).await;
+        let (client, server) = within(LIMIT, "a connect trusting the wrong CA", async {
+            tokio::join!(connect(&s.endpoint, &wrong), s.listener.accept())
+        })
+        .await;
         assert!(matches!(client, Err(TransportError::Tls(_))), "{client:?}");
         assert!(
             matches!(server, Some(Err(TransportError::Tls(_)))),
@@ -647,16 +777,17 @@ async fn tls_trust_is_required_and_checked() {
             insecure: true,
             ..Default::default()
         };
-        let (client, server) =
-            within(async { tokio::join!(connect(&s.endpoint, &insecure), s.listener.accept()) })
-                .await;
+        let (client, server) = within(LIMIT, "an insecure connect and its accept", async {
+            tokio::join!(connect(&s.endpoint, &insecure), s.listener.accept())
+        })
+        .await;
         client.unwrap();
         server.unwrap().unwrap();
 
         s.client.tls.server_name = Some("localhost".into());
         let (mut client, mut server) = s.pair().await;
-        within(client.outgoing.send("{a:1}".into())).await.unwrap();
-        assert_eq!(recv(&mut server).await, "{a:1}");
+        send(&mut client, "{a:1}").await.unwrap();
+        assert_eq!(recv(&mut server, "{a:1} at the server").await, "{a:1}");
     }
 }
 
@@ -693,7 +824,11 @@ async fn unix_socket_file_lifecycle() {
 
     // Close: accept ends, the file goes away.
     listener.close();
-    assert!(within(listener.accept()).await.is_none());
+    assert!(
+        within(LIMIT, "accept to end after close", listener.accept())
+            .await
+            .is_none()
+    );
     assert!(!path.exists());
 
     // A regular file is never removed.
@@ -716,7 +851,7 @@ async fn unix_socket_file_lifecycle() {
 async fn accept_returns_none_after_close() {
     let mut s = setup(TransportKind::Tcp, ListenerOptions::default()).await;
     s.listener.close();
-    assert!(within(s.listener.accept()).await.is_none());
+    assert!(s.accept("nothing after close").await.is_none());
     s.listener.close();
 }
 
@@ -727,7 +862,12 @@ async fn connect_errors() {
     let endpoint = s.endpoint.clone();
     drop(s);
     assert!(matches!(
-        within(connect(&endpoint, &ClientTransportConfig::default())).await,
+        within(
+            LIMIT,
+            "a connect to a closed port to fail",
+            connect(&endpoint, &ClientTransportConfig::default())
+        )
+        .await,
         Err(TransportError::Io(_))
     ));
     // A TCP peer that never answers the WS handshake hits the connect timeout.
@@ -740,7 +880,12 @@ async fn connect_errors() {
         ..Default::default()
     };
     assert!(matches!(
-        within(connect(&endpoint, &config)).await,
+        within(
+            LIMIT,
+            "the 200 ms WS connect timeout",
+            connect(&endpoint, &config)
+        )
+        .await,
         Err(TransportError::Timeout(_))
     ));
 }

@@ -172,3 +172,398 @@ pub fn conductor_body(data: &[u8]) {
         }
     }
 }
+
+/// A script of session operations, one per line (unknown lines are skipped, so mutations
+/// stay meaningful):
+///
+/// - `C` / `S`: start over with a fresh client / server session;
+/// - `L<messages> <bytes>`: change the buffer bounds;
+/// - `+<message>`: send it with the id the session hands out (requests are buffered);
+/// - `><message>`: send it with the id it carries (may be refused as out of order);
+/// - `<<message>`: receive it;
+/// - `R<count>`: restore with this peer received count (decimal, else the raw bytes);
+/// - `H<message>`: a handshake carrying a restore (`session:[id,n]` or `ok:n`), applied as a
+///   driver would;
+/// - `D<text>`: replace the session by a stored one, if it decodes;
+/// - `K<key> <value>`: put a value into the user storage; `U<name>`: set the user;
+/// - `T`: drop the buffer; `E`: check that the stored form round-trips.
+///
+/// After every step the session must satisfy what `session.rs` documents: the stored-state
+/// invariants, monotonic confirmed count and ids, restores that never grow the buffer and
+/// resend exactly what is left, refusals that change nothing.
+pub fn session_body(data: &[u8]) {
+    use tether_wire::{Role, Session, SessionConfig};
+    let text = String::from_utf8_lossy(data);
+    let mut session = Session::new("fuzz", Role::Client, SessionConfig::default());
+    let mut floor = Floor::of(&session);
+    for line in text.split('\n') {
+        let Some(op) = line.chars().next() else {
+            continue;
+        };
+        let arg = &line[op.len_utf8()..];
+        match op {
+            'C' | 'S' => {
+                let role = if op == 'C' {
+                    Role::Client
+                } else {
+                    Role::Server
+                };
+                session = Session::new("fuzz", role, session.config());
+                floor = Floor::of(&session);
+            }
+            'L' => {
+                let mut nums = arg
+                    .split(' ')
+                    .map(|n| n.parse::<usize>().unwrap_or(usize::MAX));
+                session.set_config(SessionConfig {
+                    max_buffered_messages: nums.next().unwrap_or(usize::MAX),
+                    max_buffered_bytes: nums.next().unwrap_or(usize::MAX),
+                });
+            }
+            '+' | '>' => {
+                if let Ok(msg) = Message::parse(arg) {
+                    let msg = if op == '+' {
+                        with_id(msg, session.next_message_id())
+                    } else {
+                        msg
+                    };
+                    check_send(&mut session, &msg, op == '+');
+                }
+            }
+            '<' => {
+                if let Ok(msg) = Message::parse(arg) {
+                    check_receive(&mut session, &msg);
+                }
+            }
+            'R' => {
+                let count = arg.trim().parse::<u64>().unwrap_or_else(|_| {
+                    arg.bytes()
+                        .take(8)
+                        .fold(0, |acc, b| (acc << 8) | u64::from(b))
+                });
+                check_restore(&mut session, count);
+            }
+            'H' => {
+                if let Ok(msg) = Message::parse(arg) {
+                    check_handshake(&mut session, &msg);
+                }
+            }
+            'D' => {
+                let config = session.config();
+                let state = tether_wire::SessionState::decode(arg);
+                match Session::decode(arg, config) {
+                    Ok(decoded) => {
+                        assert!(
+                            state.is_ok(),
+                            "Session decodes {arg:?}, SessionState does not"
+                        );
+                        check_round_trip(&decoded);
+                        session = decoded;
+                        floor = Floor::of(&session);
+                    }
+                    Err(_) => assert!(state.is_err(), "SessionState decodes {arg:?}"),
+                }
+            }
+            'K' => {
+                let (key, value) = arg.split_once(' ').unwrap_or((arg, "undefined"));
+                if let Ok(value) = parse(value) {
+                    session.storage_mut().insert(key, value);
+                }
+            }
+            'U' => session.set_username((!arg.is_empty()).then(|| arg.to_owned())),
+            'T' => {
+                let before: Vec<_> = session.buffered().cloned().collect();
+                assert_eq!(session.take_buffered(), before);
+                assert_eq!((session.buffered_len(), session.buffered_bytes()), (0, 0));
+            }
+            'E' => check_round_trip(&session),
+            _ => {}
+        }
+        check_invariants(&session);
+        floor.rise(&session);
+    }
+    check_round_trip(&session);
+    check_handshake_helpers(&session);
+}
+
+/// What may only grow while a session lives on (a decoded or fresh session starts over).
+struct Floor {
+    acknowledged: u64,
+    latest: u64,
+}
+
+impl Floor {
+    fn of(s: &tether_wire::Session) -> Floor {
+        Floor {
+            acknowledged: s.acknowledged_count(),
+            latest: s.latest_message_id().unsigned_abs(),
+        }
+    }
+
+    fn rise(&mut self, s: &tether_wire::Session) {
+        assert!(
+            s.acknowledged_count() >= self.acknowledged,
+            "confirmed count went back from {} to {}",
+            self.acknowledged,
+            s.acknowledged_count()
+        );
+        assert!(
+            s.latest_message_id().unsigned_abs() >= self.latest,
+            "latest id went back"
+        );
+        *self = Floor::of(s);
+    }
+}
+
+fn with_id(msg: Message, new: i64) -> Message {
+    match msg {
+        Message::Call {
+            iface,
+            method,
+            args,
+            ..
+        } => Message::Call {
+            id: new,
+            iface,
+            method,
+            args,
+        },
+        Message::Event {
+            iface, event, args, ..
+        } => Message::Event {
+            id: new,
+            iface,
+            event,
+            args,
+        },
+        Message::Inspect { iface, .. } => Message::Inspect { id: new, iface },
+        Message::Ping { .. } => Message::Ping { id: new },
+        other => other,
+    }
+}
+
+fn check_invariants(s: &tether_wire::Session) {
+    let state = s.to_state();
+    if let Err(e) = state.validate() {
+        panic!("session breaks its own invariants: {e}\n{state:?}");
+    }
+    let bytes: usize = s.buffered().map(|m| m.text.len()).sum();
+    assert_eq!(s.buffered_bytes(), bytes, "byte count drifted");
+    assert_eq!(s.buffered().len(), s.buffered_len());
+    assert_eq!(
+        s.next_message_id(),
+        s.latest_message_id() + s.role().delta()
+    );
+}
+
+fn check_send(s: &mut tether_wire::Session, msg: &Message, fresh_id: bool) {
+    use tether_wire::{RequestKind, SessionError};
+    let before = s.clone();
+    let text = msg.encode();
+    let request = RequestKind::of(msg);
+    // `on_send`'s contract: the id must move past the latest one in the role's direction.
+    let moves_past = request.is_some_and(|(_, id)| {
+        id.signum() == before.role().delta()
+            && id.unsigned_abs() > before.latest_message_id().unsigned_abs()
+    });
+    match s.on_send_message(msg) {
+        Ok(sent) => {
+            assert_eq!(sent, text);
+            if let Some((kind, id)) = request {
+                assert!(
+                    moves_past,
+                    "recorded id {id} after {}",
+                    before.latest_message_id()
+                );
+                assert!(
+                    before.check_capacity(text.len()).is_ok(),
+                    "recorded a message past the bounds {:?}",
+                    before.config()
+                );
+                assert_eq!(s.buffered_len(), before.buffered_len() + 1);
+                let last = s.buffered().last().map(|m| (m.id, m.kind, m.text.as_str()));
+                assert_eq!(last, Some((id, kind, text.as_str())));
+                assert_eq!(s.latest_message_id(), id);
+                // Ids past 2^53 may not be exact on the wire (JSTP numbers are doubles).
+                if id != i64::MAX && id as f64 as i64 == id {
+                    let back = Message::parse(&sent).expect("a sent request reads back");
+                    assert_eq!(RequestKind::of(&back), Some((kind, id)));
+                }
+            } else {
+                assert_eq!(
+                    s.encode(),
+                    before.encode(),
+                    "a non-request changed the session"
+                );
+            }
+        }
+        Err(e) => {
+            assert!(request.is_some(), "refused a non-request: {e}");
+            assert_eq!(
+                s.encode(),
+                before.encode(),
+                "a refused send changed the session"
+            );
+            assert_eq!(s.buffered_bytes(), before.buffered_bytes());
+            match e {
+                SessionError::BufferFull { .. } => {
+                    assert!(before.check_capacity(text.len()).is_err());
+                }
+                SessionError::IdOutOfOrder { .. } => {
+                    assert!(!fresh_id, "refused the id it handed out: {e}");
+                    assert!(!moves_past, "refused an id that moves on: {e}");
+                }
+                SessionError::InvalidState(_) => panic!("send failed with {e}"),
+            }
+        }
+    }
+}
+
+fn check_receive(s: &mut tether_wire::Session, msg: &Message) {
+    let before = s.clone();
+    let confirmed = s.on_receive(msg);
+    assert_eq!(s.buffered_len() + confirmed, before.buffered_len());
+    assert_eq!(s.latest_message_id(), before.latest_message_id());
+    match msg {
+        Message::Call { id, .. }
+        | Message::Event { id, .. }
+        | Message::Inspect { id, .. }
+        | Message::Ping { id } => {
+            assert_eq!(s.received_count(), id.unsigned_abs());
+            assert_eq!(confirmed, 0);
+        }
+        Message::Callback { id, .. } | Message::Pong { id } => {
+            let upto = id
+                .unsigned_abs()
+                .min(before.latest_message_id().unsigned_abs());
+            assert_eq!(
+                s.acknowledged_count(),
+                before.acknowledged_count().max(upto)
+            );
+            assert!(s.buffered().all(|m| m.id.unsigned_abs() > upto));
+            assert_eq!(s.received_count(), before.received_count());
+        }
+        _ => assert_eq!(s.encode(), before.encode(), "{msg:?} changed the session"),
+    }
+}
+
+/// `Session::restore` as documented: drop what the peer got (clamped, never below what was
+/// already confirmed), report the lost requests among it, resend the rest unchanged.
+fn check_restore(s: &mut tether_wire::Session, peer_received: u64) {
+    let before = s.clone();
+    let plan = s.restore(peer_received);
+    let upto = peer_received
+        .min(before.latest_message_id().unsigned_abs())
+        .max(before.acknowledged_count());
+    assert_eq!(s.acknowledged_count(), upto);
+    assert!(
+        s.buffered_len() <= before.buffered_len(),
+        "restore grew the buffer"
+    );
+    let (gone, kept): (Vec<_>, Vec<_>) = before
+        .buffered()
+        .cloned()
+        .partition(|m| m.id.unsigned_abs() <= upto);
+    assert_eq!(s.buffered().cloned().collect::<Vec<_>>(), kept);
+    assert_eq!(plan.confirmed, gone.len());
+    let lost: Vec<i64> = gone
+        .iter()
+        .filter(|m| m.kind.expects_reply())
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(plan.lost_request_ids, lost);
+    let resend: Vec<&str> = kept.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(plan.resend, resend);
+    assert_eq!(s.latest_message_id(), before.latest_message_id());
+    assert_eq!(plan.next_message_id, s.next_message_id());
+    assert_eq!(s.received_count(), before.received_count());
+    // A second restore with the same count has nothing left to confirm.
+    let again = s.restore(peer_received);
+    assert_eq!(
+        (again.confirmed, again.lost_request_ids.len()),
+        (0, 0),
+        "restore is not idempotent"
+    );
+    assert_eq!(again.resend, plan.resend);
+}
+
+/// A handshake as the driver applies it: a server restores with the client's
+/// `session:[id, n]`, a client with the server's `ok:n`.
+fn check_handshake(s: &mut tether_wire::Session, msg: &Message) {
+    use tether_wire::{RestoreOutcome, RestoreRequest, Role};
+    match (s.role(), RestoreRequest::from_message(msg)) {
+        (Role::Server, Some(req)) => {
+            check_restore(s, req.received_count);
+            return;
+        }
+        (_, Some(_)) => return,
+        _ => {}
+    }
+    if let (
+        Role::Client,
+        Some(RestoreOutcome::Restored {
+            peer_received_count,
+        }),
+    ) = (s.role(), RestoreOutcome::from_message(msg))
+    {
+        check_restore(s, peer_received_count);
+    }
+}
+
+/// Whether every count and id survives the stored form's decimal-to-double trip; beyond 2^53
+/// some integers do not, as in upstream's JavaScript.
+fn exact_in_double(s: &tether_wire::Session) -> bool {
+    let exact = |n: u64| n as f64 as u64 == n && n < 1 << 63;
+    exact(s.received_count())
+        && exact(s.acknowledged_count())
+        && exact(s.latest_message_id().unsigned_abs())
+        && s.buffered().all(|m| exact(m.id.unsigned_abs()))
+}
+
+fn check_round_trip(s: &tether_wire::Session) {
+    let text = s.encode();
+    let decoded = tether_wire::Session::decode(&text, s.config());
+    if !exact_in_double(s) {
+        return;
+    }
+    let back = decoded.unwrap_or_else(|e| panic!("own stored form {text:?} unreadable: {e}"));
+    let (a, b) = (s.to_state(), back.to_state());
+    assert_eq!(
+        (&a.id, a.role, &a.username, &a.buffer),
+        (&b.id, b.role, &b.username, &b.buffer)
+    );
+    assert_eq!(
+        (a.received_count, a.acknowledged_count, a.latest_message_id),
+        (b.received_count, b.acknowledged_count, b.latest_message_id)
+    );
+    let keys = |o: &Object| o.iter().map(|(k, _)| k.to_owned()).collect::<Vec<_>>();
+    assert_eq!(keys(&a.storage), keys(&b.storage), "{text:?}");
+    for ((_, va), (_, vb)) in a.storage.iter().zip(b.storage.iter()) {
+        let want = after_round_trip(va);
+        assert!(
+            same(vb, &want),
+            "{text:?}: stored {va:?} came back as {vb:?}"
+        );
+    }
+}
+
+/// The restore handshakes this session writes must read back with its own counts.
+fn check_handshake_helpers(s: &tether_wire::Session) {
+    use tether_wire::{RestoreOutcome, RestoreRequest};
+    if s.received_count() > i64::MAX as u64 {
+        return;
+    }
+    let request = s.restore_request("testApp", Some("^1.0.0"));
+    let read = Message::parse(&request.encode()).expect("own restore request reads back");
+    assert_eq!(
+        RestoreRequest::from_message(&read).map(|r| (r.session_id, r.received_count)),
+        Some((s.id().to_owned(), s.received_count()))
+    );
+    let response = Message::parse(&s.restored_response().encode()).expect("own ok:n reads back");
+    assert_eq!(
+        RestoreOutcome::from_message(&response),
+        Some(RestoreOutcome::Restored {
+            peer_received_count: s.received_count()
+        })
+    );
+}

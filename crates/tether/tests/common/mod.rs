@@ -1,14 +1,28 @@
-//! Shared by the interop tests: spawning the Node peer (the real `@metarhia/jstp@2.3.0`),
-//! reading its JSON lines, throwaway certificates and URLs for the five transports.
+//! Shared by the integration tests: a deadline for awaits ([`within`]), spawning the Node peer
+//! (the real `@metarhia/jstp@2.3.0`), reading its JSON lines, throwaway certificates and URLs
+//! for the five transports.
 
 #![allow(dead_code)]
 
 use serde_json::Value as Json;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
+
+/// The deadline for one await on the network or on another task. Generous, so a loaded
+/// machine never trips it; its point is that a lost message fails the test instead of hanging it.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+/// Awaits `fut`, panicking with a message naming `what` if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
 
 /// The five transports, as the peer's ready line and our URLs name them.
 pub const KINDS: [&str; 5] = ["tcp", "tls", "unix", "ws", "wss"];
@@ -40,10 +54,13 @@ pub fn node_peer(args: &[&str]) -> (Child, NodeLines) {
 
 /// The peer's next JSON line, or `None` at its end.
 pub async fn next_json(lines: &mut NodeLines) -> Option<Json> {
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the node peer went silent")
-        .unwrap()?;
+    let line = within(
+        Duration::from_secs(30),
+        "the node peer's next line",
+        lines.next_line(),
+    )
+    .await
+    .unwrap()?;
     Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
 }
 

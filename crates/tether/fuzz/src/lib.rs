@@ -1,0 +1,59 @@
+//! The body of tether's multiserver address fuzz target, free of libfuzzer so a stable test
+//! could run it too.
+
+use tether::hub::{MultiAddress, PeerKey};
+use tether::Endpoint;
+
+/// A bug this target found, left to the owner of `hub/address.rs`: `MultiAddress::from` an
+/// `Endpoint::Unix` whose path starts with `//` prints `unix://…`, which reads as a URL with
+/// a relative path and does not parse back (`tests/fuzz_address_body.rs` keeps an ignored
+/// reproducer). Skipped here so the target keeps fuzzing everything else.
+pub fn known_unix_bug(endpoint: &Endpoint) -> bool {
+    matches!(endpoint, Endpoint::Unix(path) if path.to_string_lossy().starts_with("//"))
+}
+
+/// Any text → `MultiAddress`: whatever parses prints to text that parses back to an equal
+/// value and prints the same again (the round trip `address_props.rs` checks for generated
+/// addresses), its typed views never panic, and a dialable endpoint converts back to an
+/// address with the same endpoint. Keys that parse print to a form that parses to the same key.
+pub fn address_body(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(key) = PeerKey::parse(&text) {
+        assert_eq!(PeerKey::parse(&key.to_string()), Ok(key));
+        assert_eq!(PeerKey::parse(&key.to_base64()), Ok(key));
+    }
+    let Ok(addr) = text.parse::<MultiAddress>() else {
+        return;
+    };
+    let printed = addr.to_string();
+    let again: MultiAddress = printed
+        .parse()
+        .unwrap_or_else(|e| panic!("{text:?} prints as {printed:?}, which does not parse: {e}"));
+    assert_eq!(again, addr, "{text:?} → {printed:?}");
+    assert_eq!(again.to_string(), printed);
+    assert!(!addr.alternatives().is_empty());
+    for alt in addr.alternatives() {
+        assert!(!alt.protocols().is_empty());
+        let _ = alt.endpoint();
+        if let Some(key) = alt.key() {
+            assert!(addr.key().is_some(), "{text:?}: {key:?}");
+        }
+    }
+    if let Some(endpoint) = addr.endpoint() {
+        if known_unix_bug(&endpoint) {
+            return;
+        }
+        let back = MultiAddress::from(&endpoint);
+        let reprinted = back.to_string();
+        let reparsed: MultiAddress = reprinted.parse().unwrap_or_else(|e| {
+            panic!(
+                "{endpoint:?} (from {text:?}) prints as {reprinted:?}, which does not parse: {e}"
+            )
+        });
+        assert_eq!(
+            reparsed.endpoint(),
+            Some(endpoint),
+            "{text:?} → {reprinted:?}"
+        );
+    }
+}
