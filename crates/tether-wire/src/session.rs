@@ -895,6 +895,11 @@ impl SessionState {
             ));
         }
         let latest_abs = latest.unsigned_abs();
+        // Ids are JS numbers on the wire: past 2^53 they are no longer exact (and the next id
+        // could overflow an i64).
+        if latest_abs >= 1 << 53 {
+            return bad(format!("latest id {latest} is past 2^53"));
+        }
         if self.acknowledged_count > latest_abs {
             return bad(format!(
                 "acknowledged count {} is past the latest id {latest}",

@@ -24,7 +24,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tether_wire::session::{RequestKind as SessionKind, Role as SessionRole};
 use tether_wire::{
     CallbackResult, ErrorCode, HandshakeResult, Message, PreparedEvent, RemoteErrorArray, Session,
@@ -293,12 +293,12 @@ impl Driver {
 
     pub(super) async fn run(
         mut self,
-        handshake_deadline: Instant,
+        handshake_timeout: Duration,
         handshake_reply: Option<HandshakeReply>,
     ) {
         let mut handshake_reply = handshake_reply;
-        self.handshake_timeout = handshake_deadline.saturating_duration_since(Instant::now());
-        self.timer = Some(tokio::time::Instant::from_std(handshake_deadline));
+        self.handshake_timeout = handshake_timeout;
+        self.timer = Some(tokio::time::Instant::now() + handshake_timeout);
         if let Some(hs) = self.client_handshake.clone() {
             self.write(&Message::HandshakeRequest {
                 id: 0,

@@ -741,7 +741,7 @@ pub(crate) fn start_server(
         Role::Server,
     );
     driver.client_expiration = client_expiration;
-    tokio::spawn(driver.run(Instant::now() + handshake_timeout, None));
+    tokio::spawn(driver.run(handshake_timeout, None));
     conn
 }
 
@@ -777,7 +777,7 @@ pub(crate) async fn start_client(
     driver.reconnect = reconnect;
     driver.client_handshake = Some(handshake);
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(driver.run(Instant::now() + handshake_timeout, Some(tx)));
+    tokio::spawn(driver.run(handshake_timeout, Some(tx)));
     rx.await.unwrap_or(Err(Error::NoHandshakeResponse))?;
     Ok(conn)
 }
