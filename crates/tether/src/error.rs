@@ -53,10 +53,10 @@ pub enum Error {
     /// Invalid configuration or arguments.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// The peer does not keep up with what is sent to it: its unconfirmed backlog passed the
-    /// session's bounds (see [`crate::ConnectionConfig::session`]). Past half of them an
-    /// attached peer is detached (its session resends on restore); at the full bound the
-    /// session ends.
+    /// The peer does not keep up with what is sent to it (see
+    /// [`crate::ConnectionConfig::session`]): a peer that leaves a confirmation ping
+    /// unanswered is detached (its session resends on restore); one whose unconfirmed backlog
+    /// reaches the full bound loses its session.
     #[error("slow consumer: {messages} messages ({bytes} bytes) unconfirmed")]
     SlowConsumer {
         /// Unconfirmed bytes when it was decided.

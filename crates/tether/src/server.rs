@@ -249,6 +249,7 @@ impl ServerBuilder {
                 clients: Mutex::new(HashMap::new()),
                 all: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
+                discarded: Mutex::new(Tombstones::default()),
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 client_expiration: self.client_expiration,
                 events,
@@ -270,10 +271,40 @@ struct Inner {
     all: Mutex<HashMap<u64, Connection>>,
     /// Connections by session id, attached or detached, until they close for good.
     sessions: Mutex<HashMap<String, Connection>>,
+    /// Sessions given up here (their resend buffer overflowed): never restored, even from a
+    /// store copy written before they ended.
+    discarded: Mutex<Tombstones>,
     store: Arc<dyn SessionStore>,
     client_expiration: Duration,
     events: broadcast::Sender<ServerEvent>,
     shutdown: watch::Sender<bool>,
+}
+
+/// The most recently discarded session ids, at most [`Tombstones::MAX`] (the oldest go first;
+/// by then any stale store copy has usually expired too).
+#[derive(Default)]
+struct Tombstones {
+    ids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Tombstones {
+    const MAX: usize = 65_536;
+
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
 }
 
 impl Inner {
@@ -416,6 +447,7 @@ impl ServerHooks for Hooks {
                     }
                 }
                 SessionFate::Discard => {
+                    lock(&inner.discarded).insert(id.clone());
                     if let Err(e) = inner.store.remove(&id).await {
                         tracing::warn!(error = %e, "session store delete failed");
                     }
@@ -460,6 +492,9 @@ async fn restore_decision(
         });
     }
     let unknown = || RemoteError::code(ErrorCode::AuthFailed);
+    if lock(&inner.discarded).contains(&id) {
+        return Err(unknown());
+    }
     let text = match inner.store.get(&id).await {
         Ok(Some(text)) => text,
         Ok(None) => return Err(unknown()),
@@ -597,7 +632,12 @@ impl Server {
         queued.len()
     }
 
-    fn queue_broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> Vec<Connection> {
+    pub(crate) fn queue_broadcast(
+        &self,
+        iface: &str,
+        event: &str,
+        args: Vec<Value>,
+    ) -> Vec<Connection> {
         let args = Value::Array(args);
         if let Err(e) = tether_wire::stringify(&args) {
             tracing::warn!(error = %e, iface, event, "broadcast refused");

@@ -391,8 +391,9 @@ impl Driver {
         self.writer.is_some() && matches!(self.phase, Phase::Open)
     }
 
-    /// After every step: ask for a confirmation when enough went out unconfirmed, and detach
-    /// a peer whose unconfirmed backlog says it does not keep up.
+    /// After every step: ask for a confirmation when enough went out unconfirmed since the
+    /// last request for one (the pong confirms everything before it, so a peer that reads
+    /// never lets the buffer fill).
     fn after_step(&mut self) -> Result<(), Stop> {
         if !self.attached() {
             return Ok(());
@@ -400,19 +401,6 @@ impl Driver {
         let (bytes, messages) = self.since_ack;
         if self.thresholds.wants_ack(bytes, messages) {
             self.send_heartbeat_ping()?;
-        }
-        if let Some(s) = &self.session {
-            if self.thresholds.too_slow(s) {
-                let reason = Error::SlowConsumer {
-                    bytes: s.buffered_bytes(),
-                    messages: s.buffered_len(),
-                };
-                tracing::warn!(conn = self.conn.id(), %reason, "detaching a slow peer");
-                self.emit_event(ConnectionEvent::Error {
-                    error: reason.to_string(),
-                });
-                return Err(Stop::LinkLost(Some(reason.to_string())));
-            }
         }
         Ok(())
     }
@@ -454,10 +442,22 @@ impl Driver {
             }
             // A ping of ours unanswered for a whole call timeout: the link is dead or the peer
             // does not read; either way the session is better off restored on a new one.
-            PendingKind::Heartbeat if self.attached() => Err(Stop::LinkLost(Some(format!(
-                "no pong within {:?}",
-                p.timeout
-            )))),
+            PendingKind::Heartbeat if self.attached() => {
+                let (bytes, messages) = self
+                    .session
+                    .as_ref()
+                    .map_or((0, 0), |s| (s.buffered_bytes(), s.buffered_len()));
+                let reason = format!(
+                    "{} and no pong within {:?}",
+                    Error::SlowConsumer { bytes, messages },
+                    p.timeout
+                );
+                tracing::warn!(conn = self.conn.id(), %reason, "detaching the peer");
+                self.emit_event(ConnectionEvent::Error {
+                    error: reason.clone(),
+                });
+                Err(Stop::LinkLost(Some(reason)))
+            }
             PendingKind::Heartbeat => Ok(()),
         }
     }
@@ -814,6 +814,10 @@ impl Driver {
         }
         self.since_ack = (0, 0);
         self.fail_received_unanswered(peer_received);
+        if self.session.as_ref().is_some_and(|s| s.buffered_len() > 0) {
+            // Whatever was resent is confirmed by this ping's pong, not a whole ⅛ later.
+            self.send_heartbeat_ping()?;
+        }
         if let Some(every) = self.heartbeat_setting() {
             self.heartbeat = Some(heartbeat_interval(every));
         }

@@ -1,6 +1,32 @@
-//! One JSTP connection: a driver task that owns the transport ([`driver`]), and cheap
-//! cloneable [`Connection`] handles that talk to it over a channel whose events are accounted
-//! against the session's bounds ([`outbound`]).
+//! One JSTP connection: a driver task that owns the transport, and cheap cloneable
+//! [`Connection`] handles that talk to it over a channel whose events are accounted against
+//! the session's bounds.
+//!
+//! # Order
+//!
+//! Calls from the peer start in arrival order on the connection's own task (no task per
+//! call): the synchronous part of each method, and whatever it emits, happens in that order,
+//! and methods that finish at once are answered in arrival order (one that awaits is answered
+//! when it finishes, as JSTP allows). A method's events go out before its callback. Events
+//! queued on one connection go out in the order they were queued.
+//!
+//! # Delivery and bounds
+//!
+//! Every request and event a connection sends lives in its session's resend buffer until the
+//! peer confirms it (`tether_wire::Session`), so nothing is ever dropped to make room. The
+//! buffer's bounds ([`SessionConfig`]: 16 384 messages, 64 MiB by default) drive four rules,
+//! as fractions of either bound:
+//!
+//! | backlog (queued + unconfirmed) | what happens |
+//! | --- | --- |
+//! | every ⅛ sent since the last request for one | the driver pings: the pong confirms everything before it |
+//! | above ¼ | [`Connection::emit`] and `Server::broadcast_async` wait for room (backpressure) |
+//! | a confirmation ping unanswered for the call timeout | the peer is too slow (or gone): its transport is detached ([`Error::SlowConsumer`], logged); the session stays and a restore resends the buffer |
+//! | the full bound | the session ends: [`Error::SlowConsumer`], logged, and the session is discarded so a restore is refused rather than silently incomplete |
+//!
+//! Reading from the peer pauses (TCP backpressure) while
+//! [`ConnectionConfig::max_calls_in_flight`] calls run or
+//! [`ConnectionConfig::max_reply_backlog`] bytes of replies wait for the transport.
 //!
 //! The driver assigns message ids (client +1 from 1, server −1 from −1, handshake 0), keeps the
 //! table of pending requests with their deadlines, answers the peer's calls, inspects and pings,
@@ -39,7 +65,7 @@ pub enum Role {
 /// Every buffer is bounded: the resend buffer by `session`, running calls by
 /// `max_calls_in_flight`, replies waiting for the transport by `max_reply_backlog`, requests
 /// awaiting answers by `max_pending`, connection events by `event_capacity`. A full outgoing
-/// side means backpressure or a detached peer, never a dropped message (see [`outbound`]).
+/// side means backpressure or a detached peer, never a dropped message (see the module docs).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConnectionConfig {
@@ -62,9 +88,9 @@ pub struct ConnectionConfig {
     /// Ping the peer this often once the handshake is done. Default off, as `@metarhia/jstp`.
     pub heartbeat_interval: Option<Duration>,
     /// Bounds of the session's resend buffer (sent requests and events not yet confirmed by
-    /// the peer). Defaults: 16 384 messages, 64 MiB. Confirmations are asked for every ⅛,
-    /// awaiting senders wait above ¼, an attached peer above ½ is detached as too slow, and
-    /// a full buffer ends the session ([`Error::SlowConsumer`]).
+    /// the peer). Defaults: 16 384 messages, 64 MiB. Confirmations are asked for every ⅛ (a
+    /// peer that leaves one unanswered for `call_timeout` is detached as too slow), awaiting
+    /// senders wait above ¼, and a full buffer ends the session ([`Error::SlowConsumer`]).
     pub session: SessionConfig,
 }
 

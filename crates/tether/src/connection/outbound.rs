@@ -1,16 +1,6 @@
 //! What a connection holds for its peer, and the rules that keep it bounded.
 //!
-//! Every request and event a connection sends lives in its session's resend buffer until the
-//! peer confirms it (`tether_wire::Session`), so nothing is ever dropped to make room. The
-//! buffer's bounds ([`SessionConfig`]: 16 384 messages, 64 MiB by default) drive four rules,
-//! as fractions of either bound:
-//!
-//! | backlog (queued + unconfirmed) | what happens |
-//! | --- | --- |
-//! | every ⅛ sent since the last request for one | the driver pings: the pong confirms everything before it |
-//! | above ¼ | [`Connection::emit`](super::Connection::emit) and `Server::broadcast_async` wait for room (backpressure) |
-//! | above ½ while attached | the peer is too slow: its transport is detached ([`Error::SlowConsumer`](crate::Error::SlowConsumer), logged); the session stays and a restore resends the buffer |
-//! | the full bound | the session ends: [`Error::SlowConsumer`](crate::Error::SlowConsumer), logged, and the session is discarded so a restore is refused rather than silently incomplete |
+//! The rules are in the `connection` module's docs (delivery and bounds).
 //!
 //! The [`Writer`] queues what goes to the transport: replies as text, buffered messages by id
 //! (their text stays in the session, written from there), so a stalled peer never costs a
@@ -129,12 +119,10 @@ impl Flow {
     }
 }
 
-/// When the driver must act on its session's backlog (see the module docs).
+/// When the driver asks for a confirmation (see the module docs).
 pub(crate) struct Thresholds {
     ack_bytes: usize,
     ack_messages: usize,
-    slow_bytes: usize,
-    slow_messages: usize,
 }
 
 impl Thresholds {
@@ -142,19 +130,12 @@ impl Thresholds {
         Thresholds {
             ack_bytes: (config.max_buffered_bytes / 8).max(1),
             ack_messages: (config.max_buffered_messages / 8).max(1),
-            slow_bytes: config.max_buffered_bytes / 2,
-            slow_messages: config.max_buffered_messages / 2,
         }
     }
 
     /// Whether `bytes`/`messages` sent since the last confirmation request call for another.
     pub(crate) fn wants_ack(&self, bytes: usize, messages: usize) -> bool {
         bytes >= self.ack_bytes || messages >= self.ack_messages
-    }
-
-    /// Whether an attached peer with this unconfirmed backlog is too slow.
-    pub(crate) fn too_slow(&self, session: &Session) -> bool {
-        session.buffered_bytes() > self.slow_bytes || session.buffered_len() > self.slow_messages
     }
 }
 
