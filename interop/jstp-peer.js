@@ -831,9 +831,9 @@ class ClientRun {
   }
 
   // Watches one connection's received remote events.
-  collectEvents(connection, onEvent) {
+  collectEvents(connection, onEvent, { quiet = false } = {}) {
     connection.on('event', (iface, event, args) => {
-      this.step('event', success({ iface, event, args }));
+      if (!quiet) this.step('event', success({ iface, event, args }));
       onEvent(iface, event, args);
       this.poke();
     });
@@ -1088,6 +1088,35 @@ const SCENARIOS = {
     run.step('bufferedCall', await offline, expectResult(['offline']));
     run.step('answerAfter', await run.call(c, 'calculator', 'answer', []), expectResult([42]));
     run.step('sameSession', success(c.session.id), expectResult(sessionId));
+  },
+
+  // Pipelining: --calls N calls someService.say(i) without waiting and prints
+  // the order their callbacks arrived in ("callbacks"); then --chat M chat.send
+  // calls of 'p<i>' without waiting, and prints the order this client's own
+  // chat.message events arrived in ("chat"), once all M are in.
+  async pipeline(run, opts) {
+    const c = await run.mustOpen();
+    const calls = opts.int('calls', 4);
+    const first = opts.int('first', 100);
+    const order = [];
+    await Promise.all(Array.from({ length: calls }, (_, k) =>
+      run.call(c, 'someService', 'say', [first + k]).then(o => {
+        order.push(o.ok ? o.result[0] : o);
+      })));
+    run.step('callbacks', success(order));
+    const chat = opts.int('chat', 0);
+    if (chat === 0) return;
+    const seen = [];
+    run.collectEvents(c, (iface, event, args) => {
+      if (iface === 'chat' && event === 'message' && /^p\d+$/.test(args[1])) {
+        seen.push(Number(args[1].slice(1)));
+      }
+    }, { quiet: true });
+    const answers = await Promise.all(Array.from({ length: chat }, (_, i) =>
+      run.call(c, 'chat', 'send', [`p${i}`])));
+    run.step('sent', success(answers.filter(o => o.ok).length), expectResult(chat));
+    await run.waitUntil(() => seen.length >= chat);
+    run.step('chat', success(seen));
   },
 
   // No handshake: connect a raw socket / WebSocket, send every --send TEXT

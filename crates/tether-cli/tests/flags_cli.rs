@@ -315,8 +315,6 @@ fn call_timeout_bounds_a_handshake_that_never_comes() {
 }
 
 #[test]
-#[ignore = "library bug: a handshake timeout is reported as Error::Timeout(Duration::ZERO) \
-            (connection.rs on_timer), so the message says 'after 0ns'"]
 fn call_timeout_message_names_the_timeout() {
     let addr = mute_listener();
     let out = answer(&format!("jstp://{addr}"), &["--timeout", "300"]);

@@ -36,7 +36,7 @@ pub mod value;
 
 pub use error::{ErrorCode, RemoteErrorArray};
 pub use frame::{encode_frame, FrameError, NulFramer, DEFAULT_MAX_MESSAGE_SIZE};
-pub use message::{Auth, CallbackResult, DecodeError, HandshakeResult, Message};
+pub use message::{Auth, CallbackResult, DecodeError, HandshakeResult, Message, PreparedEvent};
 pub use parse::{parse, ParseError};
 pub use ser::{stringify, write_string_literal, write_value, SerializeError};
 pub use session::{

@@ -472,3 +472,57 @@ where
             .collect::<Object>(),
     )
 }
+
+/// An `event` message encoded once for any number of receivers: everything but its id, which
+/// each connection's session assigns. [`PreparedEvent::with_id`] gives exactly the text
+/// [`Message::encode`] gives for the same event, so a broadcast serializes its arguments once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedEvent {
+    /// `,'iface']` — after the id.
+    target: std::sync::Arc<str>,
+    /// `,name:[args]}` (or just `}` for an `undefined` payload).
+    tail: std::sync::Arc<str>,
+}
+
+impl PreparedEvent {
+    /// Encodes `iface.event(args)`.
+    pub fn new(iface: &str, event: &str, args: &Value) -> Self {
+        let mut target = String::with_capacity(iface.len() + 4);
+        target.push(',');
+        write_string_literal(iface, &mut target);
+        target.push(']');
+        let mut tail = String::new();
+        if !matches!(args, Value::Undefined) {
+            tail.push(',');
+            write_key(event, &mut tail);
+            tail.push(':');
+            write_value(args, &mut tail);
+        }
+        tail.push('}');
+        PreparedEvent {
+            target: target.into(),
+            tail: tail.into(),
+        }
+    }
+
+    /// The message text with id `id`.
+    pub fn with_id(&self, id: i64) -> String {
+        let mut out = String::with_capacity(self.len() + 20);
+        out.push_str("{event:[");
+        out.push_str(itoa(id).as_str());
+        out.push_str(&self.target);
+        out.push_str(&self.tail);
+        out
+    }
+
+    /// The text size without the id: a lower bound of [`Self::with_id`]'s length, used to
+    /// account for queued events before they have an id.
+    pub fn len(&self) -> usize {
+        "{event:[".len() + self.target.len() + self.tail.len()
+    }
+
+    /// Never true: an encoded event is never empty (for clippy's `len` rule).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}

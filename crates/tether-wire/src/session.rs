@@ -461,21 +461,51 @@ impl Session {
     /// [`Self::next_message_id`]. On error nothing changes: the message must not be written,
     /// and its id stays free.
     pub fn on_send(&mut self, id: i64, kind: RequestKind, text: &str) -> Result<(), SessionError> {
+        self.check_send(id, text.len())?;
+        self.record(id, kind, text.to_owned());
+        Ok(())
+    }
+
+    /// [`Self::on_send`] taking the text by value (no copy). On error the text is given back.
+    pub fn on_send_owned(
+        &mut self,
+        id: i64,
+        kind: RequestKind,
+        text: String,
+    ) -> Result<(), (SessionError, String)> {
+        match self.check_send(id, text.len()) {
+            Ok(()) => {
+                self.record(id, kind, text);
+                Ok(())
+            }
+            Err(e) => Err((e, text)),
+        }
+    }
+
+    fn check_send(&self, id: i64, len: usize) -> Result<(), SessionError> {
         if id.signum() != self.role.delta() || id.unsigned_abs() <= self.latest.unsigned_abs() {
             return Err(SessionError::IdOutOfOrder {
                 id,
                 latest: self.latest,
             });
         }
-        self.check_capacity(text.len())?;
+        self.check_capacity(len)
+    }
+
+    fn record(&mut self, id: i64, kind: RequestKind, text: String) {
         self.buffered_bytes += text.len();
-        self.buffer.push_back(BufferedMessage {
-            id,
-            kind,
-            text: text.to_owned(),
-        });
+        self.buffer.push_back(BufferedMessage { id, kind, text });
         self.latest = id;
-        Ok(())
+    }
+
+    /// The text of the buffered message with id `id`, if it is still unconfirmed.
+    pub fn buffered_text(&self, id: i64) -> Option<&str> {
+        let abs = id.unsigned_abs();
+        let i = self
+            .buffer
+            .binary_search_by_key(&abs, |m| m.id.unsigned_abs())
+            .ok()?;
+        Some(self.buffer[i].text.as_str())
     }
 
     /// Encodes `msg`, records it if it is a kind sessions buffer (see [`Self::on_send`]), and
@@ -553,6 +583,15 @@ impl Session {
     /// Unlike upstream the confirmed count never decreases, and a count past the latest id
     /// sent is clamped to it.
     pub fn restore(&mut self, peer_received_count: u64) -> RestorePlan {
+        let mut plan = self.restore_in_place(peer_received_count);
+        plan.resend = self.buffer.iter().map(|m| m.text.clone()).collect();
+        plan
+    }
+
+    /// [`Self::restore`] without copying the texts to send again: [`RestorePlan::resend`] is
+    /// left empty, and what is to be resent is everything still [`Self::buffered`], in order.
+    /// A driver that writes from the buffer saves a copy of up to the whole buffer.
+    pub fn restore_in_place(&mut self, peer_received_count: u64) -> RestorePlan {
         let upto = peer_received_count
             .min(self.latest.unsigned_abs())
             .max(self.acknowledged);
@@ -565,7 +604,7 @@ impl Session {
         self.acknowledged = upto;
         RestorePlan {
             lost_request_ids,
-            resend: self.buffer.iter().map(|m| m.text.clone()).collect(),
+            resend: Vec::new(),
             confirmed,
             next_message_id: self.next_message_id(),
         }
@@ -856,6 +895,11 @@ impl SessionState {
             ));
         }
         let latest_abs = latest.unsigned_abs();
+        // Ids are JS numbers on the wire: past 2^53 they are no longer exact (and the next id
+        // could overflow an i64).
+        if latest_abs >= 1 << 53 {
+            return bad(format!("latest id {latest} is past 2^53"));
+        }
         if self.acknowledged_count > latest_abs {
             return bad(format!(
                 "acknowledged count {} is past the latest id {latest}",

@@ -136,6 +136,46 @@ impl Value {
         }
     }
 
+    /// ECMAScript's `ToString`, as a template literal or `String(v)` gives it: arrays join
+    /// their items with `,` (`null` and `undefined` items as empty), objects are
+    /// `[object Object]`, numbers as `Number#toString`.
+    pub fn to_js_string(&self) -> String {
+        match self {
+            Value::Undefined => "undefined".into(),
+            Value::Null => "null".into(),
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => {
+                let mut out = String::new();
+                crate::ser::write_number(*n, &mut out);
+                out
+            }
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Undefined | Value::Null => String::new(),
+                    other => other.to_js_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            Value::Object(_) => "[object Object]".into(),
+        }
+    }
+
+    /// ECMAScript's `ToNumber`, as arithmetic applies it: `null` → 0, `undefined` → NaN,
+    /// booleans → 0/1, strings parsed after trimming (empty → 0, `0x`/`0o`/`0b` prefixes,
+    /// `Infinity`; anything else NaN), arrays through their string, objects NaN.
+    pub fn to_js_number(&self) -> f64 {
+        match self {
+            Value::Undefined | Value::Object(_) => f64::NAN,
+            Value::Null => 0.0,
+            Value::Bool(b) => f64::from(u8::from(*b)),
+            Value::Number(n) => *n,
+            Value::String(s) => js_string_to_number(s),
+            Value::Array(_) => js_string_to_number(&self.to_js_string()),
+        }
+    }
+
     /// Serializes in mdsf compact form. Non-finite numbers are written as `NaN`/`Infinity`
     /// (use [`crate::ser::stringify`] to refuse them).
     pub fn to_mdsf(&self) -> String {
@@ -143,6 +183,55 @@ impl Value {
         crate::ser::write_value(self, &mut out);
         out
     }
+}
+
+/// `ToNumber` applied to a string (ECMAScript's StringToNumber).
+fn js_string_to_number(s: &str) -> f64 {
+    // JS trims its own whitespace set, which includes what `char::is_whitespace` covers and
+    // the BOM.
+    let t = s.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    if t.is_empty() {
+        return 0.0;
+    }
+    let radix = |p: &str, r: u32| {
+        t.strip_prefix(p)
+            .or_else(|| t.strip_prefix(&p.to_ascii_uppercase()))
+            .map(|digits| {
+                if digits.is_empty() {
+                    return f64::NAN;
+                }
+                digits
+                    .chars()
+                    .try_fold(0f64, |acc, c| {
+                        c.to_digit(r).map(|d| acc * f64::from(r) + f64::from(d))
+                    })
+                    .unwrap_or(f64::NAN)
+            })
+    };
+    if let Some(n) = radix("0x", 16)
+        .or_else(|| radix("0o", 8))
+        .or_else(|| radix("0b", 2))
+    {
+        return n;
+    }
+    let (sign, body) = match t.as_bytes()[0] {
+        b'-' => (-1.0, &t[1..]),
+        b'+' => (1.0, &t[1..]),
+        _ => (1.0, t),
+    };
+    if body == "Infinity" {
+        return sign * f64::INFINITY;
+    }
+    // Rust also takes `inf`, `nan` and `infinity`; JS takes none of them. A JS numeric
+    // literal is digits, an optional fraction and an optional exponent.
+    let numeric = body
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
+    let starts_well = body.starts_with(|c: char| c.is_ascii_digit() || c == '.');
+    if !numeric || !starts_well || !body.bytes().any(|b| b.is_ascii_digit()) {
+        return f64::NAN;
+    }
+    body.parse::<f64>().map_or(f64::NAN, |n| sign * n)
 }
 
 impl fmt::Display for Value {
@@ -194,6 +283,38 @@ impl From<Object> for Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn js_coercions_follow_ecmascript() {
+        let num = |v: Value| v.to_js_number();
+        assert_eq!(num(Value::from("20")), 20.0);
+        assert_eq!(num(Value::from(" 2.5e1 ")), 25.0);
+        assert_eq!(num(Value::from("")), 0.0);
+        assert_eq!(num(Value::from("0x1f")), 31.0);
+        assert_eq!(num(Value::from("-Infinity")), f64::NEG_INFINITY);
+        assert!(num(Value::from("inf")).is_nan());
+        assert!(num(Value::from("1,2")).is_nan());
+        assert!(num(Value::from("--1")).is_nan());
+        assert_eq!(num(Value::Null), 0.0);
+        assert_eq!(num(Value::from(true)), 1.0);
+        assert!(num(Value::Undefined).is_nan());
+        assert_eq!(num(Value::from(vec![5])), 5.0);
+        assert_eq!(num(Value::Array(vec![])), 0.0);
+        assert!(num(Value::from(vec![1, 2])).is_nan());
+        let text = |v: Value| v.to_js_string();
+        assert_eq!(text(Value::from(vec![1, 2])), "1,2");
+        assert_eq!(
+            text(Value::Array(vec![
+                Value::Null,
+                Value::from(1.5),
+                Value::Undefined
+            ])),
+            ",1.5,"
+        );
+        assert_eq!(text(Value::Object(Object::new())), "[object Object]");
+        assert_eq!(text(Value::from(1e21)), "1e+21");
+        assert_eq!(text(Value::Undefined), "undefined");
+    }
 
     #[test]
     fn as_i64_only_for_integers_in_range() {

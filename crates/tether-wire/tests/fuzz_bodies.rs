@@ -303,8 +303,6 @@ fn session_target_body() {
 /// Found by the session fuzz target: a stored server session whose latest id is i64::MIN
 /// passes `Session::decode`'s validation, and then computing the next id overflows.
 #[test]
-#[ignore = "library bug in crates/tether-wire/src/session.rs: Session::next_message_id \
-            overflows for a decoded server session with latest = i64::MIN (reported)"]
 fn stored_server_session_at_the_lowest_id() {
     session_body(
         b"D{tetherSession:1,id:'x',role:'server',received:0,acknowledged:0,\

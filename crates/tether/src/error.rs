@@ -53,6 +53,17 @@ pub enum Error {
     /// Invalid configuration or arguments.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The peer does not keep up with what is sent to it (see
+    /// [`crate::ConnectionConfig::session`]): a peer that leaves a confirmation ping
+    /// unanswered is detached (its session resends on restore); one whose unconfirmed backlog
+    /// reaches the full bound loses its session.
+    #[error("slow consumer: {messages} messages ({bytes} bytes) unconfirmed")]
+    SlowConsumer {
+        /// Unconfirmed bytes when it was decided.
+        bytes: usize,
+        /// Unconfirmed messages when it was decided.
+        messages: usize,
+    },
 }
 
 impl Error {

@@ -14,7 +14,14 @@
 //! | `someOtherService` | `otherMethod()` | no result |
 //! | `chat` | `send(text)` | broadcasts event `chat.message(username or null, text)` to every client; no result |
 //!
-//! An incoming event `chat.send(text)` broadcasts the same way.
+//! An incoming event `chat.send(text)` broadcasts the same way. `chat.send` the method answers
+//! once every client has room again (backpressure on the sender; see
+//! `Server::broadcast_async`), and chat events reach every client in the order the calls
+//! arrived.
+//!
+//! As in `@metarhia/jstp`'s fixture, arities are strict (a wrong argument count answers `[17]`),
+//! `sayHi` stringifies like a template literal (`sayHi([1,2])` is `'Hi, 1,2!'`), and `divide`
+//! coerces like JS arithmetic (`divide('20', 10)` is `2`).
 //!
 //! The divide error carries the text a Node `Error` stringifies to (`'Error: Zero division'`),
 //! because that is what upstream's fixture puts on the wire.
@@ -42,40 +49,43 @@ pub fn test_app(chat: ChatHub) -> Application {
         .interface(
             "calculator",
             Interface::new()
-                .method("answer", |_c, _a| async { Ok(Value::from(42)) })
-                .method("divide", |_c, a| async move {
-                    let dividend = arg(&a, 0).as_f64().unwrap_or(f64::NAN);
-                    let divisor = arg(&a, 1);
-                    if !divisor.is_truthy() {
-                        return Err(RemoteError::new(1, "Error: Zero division"));
-                    }
-                    let q = dividend / divisor.as_f64().unwrap_or(f64::NAN);
-                    // JS would send NaN here; a Node peer can't parse it, so send null.
-                    Ok(if q.is_finite() {
-                        Value::from(q)
-                    } else {
-                        Value::Null
-                    })
-                })
-                .method("doNothing", |_c, _a| async { Ok(Value::Undefined) }),
+                .method("answer", arity(0, |_a| Ok(Value::from(42))))
+                .method(
+                    "divide",
+                    arity(2, |a| {
+                        // JS: `if (!divisor)` then `divident / divisor`, with its coercions
+                        // (`divide('20', 10)` is 2).
+                        if !a[1].is_truthy() {
+                            return Err(RemoteError::new(1, "Error: Zero division"));
+                        }
+                        let q = a[0].to_js_number() / a[1].to_js_number();
+                        // JS would send NaN here; a Node peer can't parse it, so send null.
+                        Ok(if q.is_finite() {
+                            Value::from(q)
+                        } else {
+                            Value::Null
+                        })
+                    }),
+                )
+                .method("doNothing", arity(0, |_a| Ok(Value::Undefined))),
         )
         .interface(
             "someService",
             Interface::new()
-                .method("sayHi", |_c, a| async move {
-                    let name = match arg(&a, 0) {
-                        Value::String(s) => s,
-                        other => other.to_mdsf(),
-                    };
-                    Ok(Value::from(format!("Hi, {name}!")))
-                })
-                .method("say", |_c, a| async move { Ok(arg(&a, 0)) }),
+                // A template literal: `Hi, ${name}!`.
+                .method(
+                    "sayHi",
+                    arity(1, |a| {
+                        Ok(Value::from(format!("Hi, {}!", a[0].to_js_string())))
+                    }),
+                )
+                .method("say", arity(1, |a| Ok(a[0].clone()))),
         )
         .interface(
             "someOtherService",
             Interface::new()
-                .method("method", |_c, a| async move { Ok(arg(&a, 0)) })
-                .method("otherMethod", |_c, _a| async { Ok(Value::Undefined) }),
+                .method("method", arity(1, |a| Ok(a[0].clone())))
+                .method("otherMethod", arity(0, |_a| Ok(Value::Undefined))),
         )
         .interface(
             "chat",
@@ -88,16 +98,38 @@ pub fn test_app(chat: ChatHub) -> Application {
                     }
                 })
                 .method("send", move |conn, a| {
-                    let chat = chat.clone();
+                    // Queued for every client now, in call order; the answer waits until the
+                    // clients have room, so a fast sender cannot outrun slow readers.
+                    let user = conn.username().map_or(Value::Null, Value::from);
+                    let queued = chat.queue("chat", "message", vec![user, arg(&a, 0)]);
                     async move {
-                        let text = arg(&a, 0);
-                        let user = conn.username().map_or(Value::Null, Value::from);
-                        chat.broadcast("chat", "message", vec![user, text]);
-                        // No result, as upstream peers' chat.send.
+                        queued.await;
+                        // No result, as `@metarhia/jstp` peers' chat.send.
                         Ok(Value::Undefined)
                     }
                 }),
         )
+}
+
+/// A method of `n` arguments, as `@metarhia/jstp` checks a JS function's arity: any other
+/// count answers `[17]` (invalid signature).
+fn arity<F>(
+    n: usize,
+    f: F,
+) -> impl Fn(crate::Connection, Vec<Value>) -> futures::future::Ready<crate::app::MethodResult>
+       + Send
+       + Sync
+       + 'static
+where
+    F: Fn(&[Value]) -> crate::app::MethodResult + Send + Sync + 'static,
+{
+    move |_conn, args| {
+        futures::future::ready(if args.len() == n {
+            f(&args)
+        } else {
+            Err(RemoteError::code(tether_wire::ErrorCode::InvalidSignature))
+        })
+    }
 }
 
 /// A chat message listener: called with the user (or null) and the text.
@@ -134,7 +166,37 @@ impl ChatHub {
     /// Broadcasts to every client of the bound server; returns how many got it. A
     /// `chat.message(user, text)` also goes to the [`ChatHub::on_message`] listeners.
     pub fn broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
-        if let (("chat", "message"), [user, text]) = ((iface, event), args.as_slice()) {
+        self.notify(iface, event, &args);
+        self.server
+            .get()
+            .map_or(0, |s| s.broadcast(iface, event, args))
+    }
+
+    /// Like [`ChatHub::broadcast`] with backpressure: queues the event for every client now
+    /// (so events keep the order of the calls that queue them) and returns a future that ends
+    /// when the clients have room again (see `Server::broadcast_async`).
+    pub fn queue(
+        &self,
+        iface: &str,
+        event: &str,
+        args: Vec<Value>,
+    ) -> impl std::future::Future<Output = usize> + Send + 'static {
+        self.notify(iface, event, &args);
+        let server = self.server.get().cloned();
+        let queued = server
+            .as_ref()
+            .map(|s| s.queue_broadcast(iface, event, args))
+            .unwrap_or_default();
+        async move {
+            for c in &queued {
+                c.wait_for_room().await;
+            }
+            queued.len()
+        }
+    }
+
+    fn notify(&self, iface: &str, event: &str, args: &[Value]) {
+        if let (("chat", "message"), [user, text]) = ((iface, event), args) {
             let listeners = self
                 .listeners
                 .lock()
@@ -144,9 +206,6 @@ impl ChatHub {
                 f(user, text);
             }
         }
-        self.server
-            .get()
-            .map_or(0, |s| s.broadcast(iface, event, args))
     }
 }
 

@@ -16,7 +16,7 @@
 
 use crate::app::{AppRegistry, Application};
 use crate::connection::{
-    self, Accepted, Connection, ConnectionConfig, HandshakeDecision, ServerHooks,
+    self, Accepted, Connection, ConnectionConfig, HandshakeDecision, ServerHooks, SessionFate,
 };
 use crate::error::{Error, RemoteError};
 use crate::store::{MemoryStore, SessionStore};
@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tether_wire::{Auth, ErrorCode, Session, Value};
+use tether_wire::{Auth, ErrorCode, PreparedEvent, Session, Value};
 use tokio::sync::{broadcast, watch};
 
 /// What an auth policy is asked to decide.
@@ -249,6 +249,7 @@ impl ServerBuilder {
                 clients: Mutex::new(HashMap::new()),
                 all: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
+                discarded: Mutex::new(Tombstones::default()),
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 client_expiration: self.client_expiration,
                 events,
@@ -270,10 +271,40 @@ struct Inner {
     all: Mutex<HashMap<u64, Connection>>,
     /// Connections by session id, attached or detached, until they close for good.
     sessions: Mutex<HashMap<String, Connection>>,
+    /// Sessions given up here (their resend buffer overflowed): never restored, even from a
+    /// store copy written before they ended.
+    discarded: Mutex<Tombstones>,
     store: Arc<dyn SessionStore>,
     client_expiration: Duration,
     events: broadcast::Sender<ServerEvent>,
     shutdown: watch::Sender<bool>,
+}
+
+/// The most recently discarded session ids, at most [`Tombstones::MAX`] (the oldest go first;
+/// by then any stale store copy has usually expired too).
+#[derive(Default)]
+struct Tombstones {
+    ids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Tombstones {
+    const MAX: usize = 65_536;
+
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
 }
 
 impl Inner {
@@ -391,7 +422,7 @@ impl ServerHooks for Hooks {
         &self,
         conn: &Connection,
         was_ready: bool,
-        session: Option<String>,
+        session: SessionFate,
     ) -> BoxFuture<'static, ()> {
         let inner = self.0.clone();
         let conn = conn.clone();
@@ -403,16 +434,25 @@ impl ServerHooks for Hooks {
             let Some(id) = conn.session_id() else {
                 return;
             };
-            if let Some(state) = session {
-                // The store has the session before the live cache forgets it, so a client
-                // reconnecting right now finds it in one or the other.
-                let saved = async {
-                    inner.store.set(&id, state).await?;
-                    inner.store.set_inactive(&id).await
-                };
-                if let Err(e) = saved.await {
-                    tracing::warn!(error = %e, "session store write failed");
+            match session {
+                SessionFate::Keep(state) => {
+                    // The store has the session before the live cache forgets it, so a client
+                    // reconnecting right now finds it in one or the other.
+                    let saved = async {
+                        inner.store.set(&id, state).await?;
+                        inner.store.set_inactive(&id).await
+                    };
+                    if let Err(e) = saved.await {
+                        tracing::warn!(error = %e, "session store write failed");
+                    }
                 }
+                SessionFate::Discard => {
+                    lock(&inner.discarded).insert(id.clone());
+                    if let Err(e) = inner.store.remove(&id).await {
+                        tracing::warn!(error = %e, "session store delete failed");
+                    }
+                }
+                SessionFate::HandedOver => {}
             }
             let mut sessions = lock(&inner.sessions);
             if sessions.get(&id).is_some_and(|c| c.id() == conn.id()) {
@@ -452,6 +492,9 @@ async fn restore_decision(
         });
     }
     let unknown = || RemoteError::code(ErrorCode::AuthFailed);
+    if lock(&inner.discarded).contains(&id) {
+        return Err(unknown());
+    }
     let text = match inner.store.get(&id).await {
         Ok(Some(text)) => text,
         Ok(None) => return Err(unknown()),
@@ -562,13 +605,56 @@ impl Server {
         lock(&self.inner.clients).values().cloned().collect()
     }
 
-    /// Sends `iface.event(args)` to every client; returns how many it was queued for. A client
-    /// whose queue is full is skipped rather than stalling the others.
+    /// Every session this server holds, attached or waiting for its client to restore.
+    fn sessions(&self) -> Vec<Connection> {
+        lock(&self.inner.sessions).values().cloned().collect()
+    }
+
+    /// Sends `iface.event(args)` to every client, connected or detached (a detached session
+    /// keeps it for its restore), encoding it once; returns how many it was queued for.
+    /// Never waits and never skips a client silently: a client whose session cannot take the
+    /// event is ended with [`Error::SlowConsumer`] (logged), see
+    /// [`ConnectionConfig::session`](crate::ConnectionConfig::session). Events broadcast in
+    /// turn reach each client in that order.
     pub fn broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
-        self.clients()
-            .iter()
-            .filter(|c| c.try_emit(iface, event, args.clone()).is_ok())
-            .count()
+        self.queue_broadcast(iface, event, args).len()
+    }
+
+    /// [`Server::broadcast`] with backpressure: queues the event for every client at once (so
+    /// order holds as for `broadcast`), then waits until each attached client holds less than
+    /// a quarter of its resend bounds. A peer that stops reading is detached by its own
+    /// connection (no pong within the call timeout), which ends the wait.
+    pub async fn broadcast_async(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
+        let queued = self.queue_broadcast(iface, event, args);
+        for c in &queued {
+            c.wait_for_room().await;
+        }
+        queued.len()
+    }
+
+    pub(crate) fn queue_broadcast(
+        &self,
+        iface: &str,
+        event: &str,
+        args: Vec<Value>,
+    ) -> Vec<Connection> {
+        let args = Value::Array(args);
+        if let Err(e) = tether_wire::stringify(&args) {
+            tracing::warn!(error = %e, iface, event, "broadcast refused");
+            return Vec::new();
+        }
+        let prepared = PreparedEvent::new(iface, event, &args);
+        self.sessions()
+            .into_iter()
+            .filter(|c| match c.emit_prepared(prepared.clone()) {
+                Ok(()) => true,
+                Err(Error::Closed) => false,
+                Err(e) => {
+                    tracing::warn!(conn = c.id(), error = %e, iface, event, "broadcast not queued");
+                    false
+                }
+            })
+            .collect()
     }
 
     /// Replaces the applications offered to new handshakes.

@@ -62,6 +62,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Marks `id` inactive from now on: it expires after the store's inactive lifetime unless
     /// read again first.
     fn set_inactive<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Forgets `id` (a session given up, which must not be restored).
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// Opens the store a command-line spec names: `memory`, `redis://HOST:PORT[/DB]`, or a file
@@ -233,6 +235,11 @@ impl SessionStore for MemoryStore {
         if let Some(e) = self.lock().entries.get_mut(id) {
             e.inactive_since = Some(now_ms());
         }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.lock().entries.remove(id);
         Box::pin(async { Ok(()) })
     }
 }
@@ -411,6 +418,14 @@ impl SessionStore for RedbStore {
             .await
         })
     }
+
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            self.blocking(move |s| s.update_blocking(&id, |_| None).map(drop))
+                .await
+        })
+    }
 }
 
 /// Sessions in Redis, shared by every server process pointed at it: a client whose server
@@ -497,6 +512,17 @@ impl SessionStore for RedisStore {
             let _: i64 = redis::cmd("EXPIRE")
                 .arg(self.key(id))
                 .arg(secs)
+                .query_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let _: i64 = redis::cmd("DEL")
+                .arg(self.key(id))
                 .query_async(&mut conn)
                 .await?;
             Ok(())

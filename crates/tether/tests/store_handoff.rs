@@ -64,6 +64,10 @@ impl SessionStore for Watched {
     ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
         self.inner.set_inactive(id)
     }
+
+    fn remove<'a>(&'a self, id: &'a str) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.remove(id)
+    }
 }
 
 fn app(adds: Arc<Mutex<Vec<i64>>>) -> Application {
