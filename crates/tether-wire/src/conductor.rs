@@ -1,16 +1,20 @@
-//! The Holochain conductor's WebSocket envelope, sans IO (see `docs/conductor-wire.md`).
+//! The Holochain conductor's WebSocket envelope and payloads, sans IO (see
+//! `docs/conductor-wire.md`).
 //!
-//! Every WebSocket binary message is one MessagePack map: `type` (`"request"`, `"response"` or
-//! `"signal"`), `id` (an unsigned integer; requests and responses only) and `data` (binary: the
-//! MessagePack encoding of the payload; a response's `data` may be nil, meaning cancelled).
-//! Requests carry `{type: <method>, data: <args>}` payloads; responses carry `{type: <kind>,
-//! data: <result>}` or, for errors, `{type: "error", data: {type: <error kind>, data: <message>}}`.
+//! Every WebSocket binary message is one MessagePack map: `type` (`"request"`, `"response"`,
+//! `"signal"` or `"authenticate"`), `id` (an unsigned integer; requests and responses only) and
+//! `data` (binary: the MessagePack encoding of the payload; a response's `data` may be nil,
+//! meaning cancelled).
+//!
+//! Payloads are adjacently tagged maps in one of two [`Dialect`]s: `{type, value}` (Holochain 0.5
+//! and later) or `{type, data}` (0.1–0.4). Errors are `{type: "error", value: {type: <kind>,
+//! value: <message>}}` (or the same with `data`).
 //!
 //! ```
-//! use tether_wire::conductor::{request_payload, WireMessage};
+//! use tether_wire::conductor::{Dialect, WireMessage};
 //! use rmpv::Value;
 //!
-//! let msg = WireMessage::Request { id: 7, data: request_payload("answer", Value::Nil) };
+//! let msg = WireMessage::Request { id: 7, data: Dialect::Value.payload("answer", Value::Nil) };
 //! let bytes = msg.encode();
 //! assert_eq!(WireMessage::decode(&bytes).unwrap(), msg);
 //! ```
@@ -87,7 +91,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Value, WireError> {
     Ok(value)
 }
 
-/// A request payload `{type: method, data: args}`, encoded.
+/// A request payload `{type: method, data: args}` (the 0.1–0.4 dialect), encoded.
 pub fn request_payload(method: &str, args: Value) -> Vec<u8> {
     to_bytes(&Value::Map(vec![
         ("type".into(), method.into()),
@@ -95,12 +99,13 @@ pub fn request_payload(method: &str, args: Value) -> Vec<u8> {
     ]))
 }
 
-/// A successful response payload `{type: kind, data: result}`, encoded.
+/// A successful response payload `{type: kind, data: result}` (0.1–0.4), encoded.
 pub fn response_payload(kind: &str, result: Value) -> Vec<u8> {
     request_payload(kind, result)
 }
 
-/// An error response payload `{type: "error", data: {type: kind, data: message}}`, encoded.
+/// An error response payload `{type: "error", data: {type: kind, data: message}}` (0.1–0.4),
+/// encoded.
 pub fn error_payload(kind: &str, message: &str) -> Vec<u8> {
     to_bytes(&Value::Map(vec![
         ("type".into(), "error".into()),
@@ -114,23 +119,214 @@ pub fn error_payload(kind: &str, message: &str) -> Vec<u8> {
     ]))
 }
 
-/// A `{type, data}` payload, decoded: the type string and the data (nil when absent).
+/// A `{type, data}` or `{type, value}` payload, decoded: the type and the content (nil when
+/// absent). The type may also be in map form (`{type: {answer: null}}`).
 pub fn split_payload(bytes: &[u8]) -> Result<(String, Value), WireError> {
-    let value = from_bytes(bytes).map_err(|e| WireError::BadPayload(e.to_string()))?;
-    let Value::Map(entries) = value else {
-        return Err(WireError::BadPayload("payload is not a map".into()));
-    };
-    let mut kind = None;
-    let mut data = Value::Nil;
-    for (k, v) in entries {
-        match k.as_str() {
-            Some("type") => kind = v.as_str().map(str::to_owned),
-            Some("data") => data = v,
-            _ => {}
+    Payload::decode(bytes).map(|p| (p.kind, p.content))
+}
+
+/// Which payload convention a peer speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Dialect {
+    /// `{type, value}`: Holochain 0.5 and later, `@holochain/client`.
+    #[default]
+    Value,
+    /// `{type, data}`: Holochain 0.1–0.4, `@whi/holochain-websocket`,
+    /// `@spartan-hc/holochain-websocket`.
+    Data,
+}
+
+impl Dialect {
+    /// The key holding a payload's content.
+    pub fn key(self) -> &'static str {
+        match self {
+            Dialect::Value => "value",
+            Dialect::Data => "data",
         }
     }
-    let kind = kind.ok_or_else(|| WireError::BadPayload("payload without a type".into()))?;
-    Ok((kind, data))
+
+    /// `{type: kind, <key>: content}` as a value.
+    pub fn tagged(self, kind: &str, content: Value) -> Value {
+        Value::Map(vec![
+            ("type".into(), kind.into()),
+            (self.key().into(), content),
+        ])
+    }
+
+    /// A request or success payload `{type: kind, <key>: content}`, encoded.
+    pub fn payload(self, kind: &str, content: Value) -> Vec<u8> {
+        to_bytes(&self.tagged(kind, content))
+    }
+
+    /// An error payload `{type: "error", <key>: {type: kind, <key>: message}}`, encoded.
+    pub fn error(self, kind: &str, message: &str) -> Vec<u8> {
+        to_bytes(&self.tagged("error", self.tagged(kind, message.into())))
+    }
+
+    /// An app signal's payload: `{type: "app", value: {cell_id, zome_name, signal}}` (0.5+) or
+    /// `{App: {cell_id, zome_name, signal}}` (0.1–0.4). `signal` is the MessagePack encoding of
+    /// the app's signal, carried as binary.
+    pub fn app_signal(self, cell_id: &CellId, zome_name: &str, signal: &Value) -> Vec<u8> {
+        let body = Value::Map(vec![
+            (
+                "cell_id".into(),
+                Value::Array(vec![
+                    Value::Binary(cell_id.dna_hash.clone()),
+                    Value::Binary(cell_id.agent_pub_key.clone()),
+                ]),
+            ),
+            ("zome_name".into(), zome_name.into()),
+            ("signal".into(), Value::Binary(to_bytes(signal))),
+        ]);
+        match self {
+            Dialect::Value => self.payload("app", body),
+            Dialect::Data => to_bytes(&Value::Map(vec![("App".into(), body)])),
+        }
+    }
+}
+
+/// A cell: the DNA hash and the agent key, 39 bytes each on a real conductor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellId {
+    /// The DNA hash (`84 2d 24` + 32 bytes + 4 bytes of DHT location).
+    pub dna_hash: Vec<u8>,
+    /// The agent's public key (`84 20 24` + 32 bytes + 4 bytes of DHT location).
+    pub agent_pub_key: Vec<u8>,
+}
+
+/// A decoded request or response payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payload {
+    /// The tag (`type`), from a string or the single key of a map.
+    pub kind: String,
+    /// The content, nil when absent.
+    pub content: Value,
+    /// The dialect the content key revealed; `None` for a unit payload (`{type}` alone).
+    pub dialect: Option<Dialect>,
+}
+
+impl Payload {
+    /// Reads `{type, value}`, `{type, data}` or `{type}`, with `type` a string or in map form
+    /// (`{answer: null}`, as rmp-serde writes externally tagged unit variants).
+    pub fn decode(bytes: &[u8]) -> Result<Payload, WireError> {
+        let value = from_bytes(bytes).map_err(|e| WireError::BadPayload(e.to_string()))?;
+        Payload::from_value(value)
+    }
+
+    /// As [`Payload::decode`], from a decoded value.
+    pub fn from_value(value: Value) -> Result<Payload, WireError> {
+        let Value::Map(entries) = value else {
+            return Err(WireError::BadPayload("payload is not a map".into()));
+        };
+        let (mut kind, mut content, mut dialect) = (None, Value::Nil, None);
+        for (k, v) in entries {
+            match k.as_str() {
+                Some("type") => kind = tag_of(v),
+                // `value` wins when both are present: it is what a 0.5+ conductor reads.
+                Some("value") => {
+                    content = v;
+                    dialect = Some(Dialect::Value);
+                }
+                Some("data") if dialect != Some(Dialect::Value) => {
+                    content = v;
+                    dialect = Some(Dialect::Data);
+                }
+                _ => {}
+            }
+        }
+        let kind = kind.ok_or_else(|| WireError::BadPayload("payload without a type".into()))?;
+        Ok(Payload {
+            kind,
+            content,
+            dialect,
+        })
+    }
+}
+
+fn tag_of(v: Value) -> Option<String> {
+    match v {
+        Value::String(s) => s.into_str(),
+        Value::Map(mut m) if m.len() == 1 => {
+            m.pop().and_then(|(k, _)| k.as_str().map(str::to_owned))
+        }
+        _ => None,
+    }
+}
+
+/// The `authenticate` message's payload `{token: [u8…]}` (an array of integers, as the
+/// conductor's `AppAuthenticationRequest` has no `serde_bytes`), encoded.
+pub fn authenticate_payload(token: &[u8]) -> Vec<u8> {
+    let token = token.iter().map(|b| Value::from(*b)).collect();
+    to_bytes(&Value::Map(vec![("token".into(), Value::Array(token))]))
+}
+
+/// The token of an `authenticate` payload; an array of integers 0–255 or binary.
+pub fn authenticate_token(bytes: &[u8]) -> Result<Vec<u8>, WireError> {
+    let bad = |m: &str| WireError::BadPayload(m.to_owned());
+    let Value::Map(entries) = from_bytes(bytes)? else {
+        return Err(bad("authenticate payload is not a map"));
+    };
+    let token = entries
+        .into_iter()
+        .find(|(k, _)| k.as_str() == Some("token"))
+        .map(|(_, v)| v)
+        .ok_or_else(|| bad("authenticate payload without a token"))?;
+    match token {
+        Value::Binary(b) => Ok(b),
+        Value::Array(a) => a
+            .iter()
+            .map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| bad("token is not an array of bytes")),
+        _ => Err(bad("token is not an array of bytes")),
+    }
+}
+
+/// Any envelope, including `authenticate` (`{type: "authenticate", data: <bin>}`), which only a
+/// client sends and only as its first message on an app interface.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Envelope {
+    /// A request, response or signal.
+    Message(WireMessage),
+    /// An `authenticate` message; `data` is an [`authenticate_payload`].
+    Authenticate {
+        /// MessagePack bytes of the payload.
+        data: Vec<u8>,
+    },
+}
+
+impl Envelope {
+    /// The envelope as MessagePack bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Envelope::Message(m) => m.encode(),
+            Envelope::Authenticate { data } => to_bytes(&Value::Map(vec![
+                ("type".into(), "authenticate".into()),
+                ("data".into(), Value::Binary(data.clone())),
+            ])),
+        }
+    }
+
+    /// Reads an envelope of any kind.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
+        match WireMessage::decode(bytes) {
+            Ok(m) => Ok(Envelope::Message(m)),
+            Err(WireError::UnknownType(t)) if t == "authenticate" => {
+                let data = match from_bytes(bytes)? {
+                    Value::Map(entries) => entries
+                        .into_iter()
+                        .find(|(k, _)| k.as_str() == Some("data"))
+                        .map(|(_, v)| v),
+                    _ => None,
+                };
+                match data {
+                    Some(Value::Binary(data)) => Ok(Envelope::Authenticate { data }),
+                    _ => Err(WireError::MissingData("authenticate")),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl WireMessage {
@@ -291,5 +487,96 @@ mod tests {
         // Deep nesting is refused, not a stack overflow.
         let deep = vec![0x91u8; 100_000];
         assert!(WireMessage::decode(&deep).is_err());
+    }
+
+    #[test]
+    fn dialects_and_tag_forms() {
+        // 0.5+: `{type, value}`; the crate's bytes for `{type:"answer", value:42}`.
+        assert_eq!(
+            Dialect::Value.payload("answer", 42.into()),
+            b"\x82\xa4type\xa6answer\xa5value\x2a".to_vec()
+        );
+        assert_eq!(
+            Dialect::Data.payload("answer", 42.into()),
+            request_payload("answer", 42.into())
+        );
+        let spartan = to_bytes(&Value::Map(vec![
+            (
+                "type".into(),
+                Value::Map(vec![("divide".into(), Value::Nil)]),
+            ),
+            ("data".into(), 1.into()),
+        ]));
+        let p = Payload::decode(&spartan).unwrap();
+        assert_eq!(
+            (p.kind.as_str(), p.content, p.dialect),
+            ("divide", Value::from(1), Some(Dialect::Data))
+        );
+        let unit = to_bytes(&Value::Map(vec![("type".into(), "app_info".into())]));
+        assert_eq!(Payload::decode(&unit).unwrap().dialect, None);
+        let err = Payload::decode(&Dialect::Value.error("internal_error", "boom")).unwrap();
+        assert_eq!(err.kind, "error");
+        let inner = Payload::from_value(err.content).unwrap();
+        assert_eq!(
+            (inner.kind.as_str(), inner.content, inner.dialect),
+            ("internal_error", Value::from("boom"), Some(Dialect::Value))
+        );
+        let two_keys = to_bytes(&Value::Map(vec![
+            ("type".into(), "x".into()),
+            ("data".into(), 1.into()),
+            ("value".into(), 2.into()),
+        ]));
+        assert_eq!(Payload::decode(&two_keys).unwrap().content, Value::from(2));
+    }
+
+    #[test]
+    fn authenticate_is_the_conductors_encoding() {
+        // `81 a5"token" 93 01 02 03`, as the research notes measured from the crate.
+        assert_eq!(
+            authenticate_payload(&[1, 2, 3]),
+            b"\x81\xa5token\x93\x01\x02\x03".to_vec()
+        );
+        assert_eq!(
+            authenticate_token(&authenticate_payload(&[0, 255])).unwrap(),
+            vec![0, 255]
+        );
+        let bad = to_bytes(&Value::Map(vec![(
+            "token".into(),
+            Value::Array(vec![256.into()]),
+        )]));
+        assert!(authenticate_token(&bad).is_err());
+        let msg = Envelope::Authenticate { data: vec![0xc0] };
+        // The crate's bytes: `82 a4"type" ac"authenticate" a4"data" c4 01 c0`.
+        assert_eq!(
+            msg.encode(),
+            b"\x82\xa4type\xacauthenticate\xa4data\xc4\x01\xc0".to_vec()
+        );
+        assert_eq!(Envelope::decode(&msg.encode()).unwrap(), msg);
+        assert!(matches!(
+            Envelope::decode(&WireMessage::Signal { data: vec![0xc0] }.encode()),
+            Ok(Envelope::Message(WireMessage::Signal { .. }))
+        ));
+        let no_data = to_bytes(&Value::Map(vec![("type".into(), "authenticate".into())]));
+        assert_eq!(
+            Envelope::decode(&no_data),
+            Err(WireError::MissingData("authenticate"))
+        );
+    }
+
+    #[test]
+    fn app_signals_in_both_shapes() {
+        let cell = CellId {
+            dna_hash: vec![1],
+            agent_pub_key: vec![2],
+        };
+        let signal = Value::from("hi");
+        let new = from_bytes(&Dialect::Value.app_signal(&cell, "chat", &signal)).unwrap();
+        let p = Payload::from_value(new).unwrap();
+        assert_eq!(p.kind, "app");
+        let body = p.content.as_map().unwrap().clone();
+        assert_eq!(body[1], ("zome_name".into(), "chat".into()));
+        assert_eq!(body[2], ("signal".into(), Value::Binary(to_bytes(&signal))));
+        let old = from_bytes(&Dialect::Data.app_signal(&cell, "chat", &signal)).unwrap();
+        assert_eq!(old, Value::Map(vec![("App".into(), Value::Map(body))]));
     }
 }
