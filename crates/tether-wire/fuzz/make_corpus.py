@@ -165,6 +165,13 @@ SESSION = [
     "D{tetherSession:1,id:'x',role:'client',received:0,acknowledged:0,latest:0,buffer:[]}\nT\nE",
     "D{tetherSession:1,id:'x',role:'client',received:9007199254740992,acknowledged:9007199254740992,"
     "latest:9007199254740992,buffer:[]}\n+{ping:[0]}\nE",
+    "D{tetherSession:1,id:'x',role:'server',received:9007199254740993,acknowledged:9007199254740990,"
+    "latest:-9007199254740991,buffer:[[-9007199254740991,'call','c']]}\n*{ping:[0]}\nR9007199254740992\nE",
+    "D{tetherSession:1,id:'x',role:'server',received:0,acknowledged:0,"
+    "latest:-9223372036854775808,buffer:[]}\nR1\n+{ping:[0]}",
+    # Sends through on_send_owned.
+    "S\nL3 1000\n*{event:[0,'chat'],message:['a']}\n*{call:[0,'a'],b:[]}\n*{ping:[0]}\n*{ping:[0]}\n"
+    ">{call:[-2,'a'],b:[]}\n<{pong:[-2]}\n*{inspect:[0,'x']}\nR3\nE",
     # Storage and user name.
     "C\nKk {a:1,b:undefined,'2':[1,undefined]}\nKn NaN\nKu\nUmarcus\nE\nU\nE",
     "S\n+{call:[0,'a'],b:[]}\nT\n+{ping:[0]}\nR1\nE",

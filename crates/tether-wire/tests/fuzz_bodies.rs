@@ -259,6 +259,7 @@ const SESSION_LINES: &[&str] = &[
     "+{event:[0,'a'],e:[]}",
     "+{inspect:[0,'a']}",
     "+{ping:[0]}",
+    "*{call:[0,'a'],b:[]}",
     ">{call:[7,'a'],b:[]}",
     ">{ping:[-7]}",
     "<{callback:[1],ok:[]}",
@@ -300,8 +301,8 @@ fn session_target_body() {
     }
 }
 
-/// Found by the session fuzz target: a stored server session whose latest id is i64::MIN
-/// passes `Session::decode`'s validation, and then computing the next id overflows.
+/// Found by the session fuzz target: a stored server session whose latest id was i64::MIN
+/// passed `Session::decode`'s validation, and then computing the next id overflowed.
 #[test]
 fn stored_server_session_at_the_lowest_id() {
     session_body(
