@@ -31,6 +31,7 @@ pub mod frame;
 pub mod message;
 pub mod parse;
 pub mod ser;
+pub mod serde_value;
 pub mod session;
 pub mod value;
 
@@ -39,6 +40,9 @@ pub use frame::{encode_frame, FrameError, NulFramer, DEFAULT_MAX_MESSAGE_SIZE};
 pub use message::{Auth, CallbackResult, DecodeError, HandshakeResult, Message, PreparedEvent};
 pub use parse::{parse, ParseError};
 pub use ser::{stringify, write_string_literal, write_value, SerializeError};
+pub use serde_value::{
+    from_args, from_value, to_args, to_value, PathSegment, ValueError, ValueErrorKind,
+};
 pub use session::{
     BufferLimit, BufferedMessage, RequestKind, RestoreOutcome, RestorePlan, RestoreRequest, Role,
     Session, SessionConfig, SessionError, SessionState,
