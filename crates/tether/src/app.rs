@@ -26,6 +26,8 @@ use crate::connection::Connection;
 use crate::error::{Error, RemoteError};
 use futures::future::BoxFuture;
 use semver::{Version, VersionReq};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -88,6 +90,67 @@ impl Interface {
     {
         self.events.insert(name.into(), Arc::new(f));
         self
+    }
+
+    /// Adds (or replaces) a method with typed arguments and result: `A` is a tuple (or `()`)
+    /// whose length is the method's arity, `R` anything `Serialize`. Arguments that do not
+    /// convert — a wrong count or a wrong type — answer `[17]` invalid signature, as
+    /// `@metarhia/jstp` answers a call of the wrong arity, with the failing argument and why as
+    /// the error's info (see [`crate::typed::signature_reason`]). A result that does not convert (a non-finite number, an integer past
+    /// 2^53 − 1) answers `[16]` internal API error and is logged here, not sent.
+    ///
+    /// ```
+    /// use tether::{Interface, RemoteError};
+    ///
+    /// let iface = Interface::new()
+    ///     .typed_method("divide", |_conn, (a, b): (f64, f64)| async move {
+    ///         Ok::<f64, RemoteError>(a / b)
+    ///     })
+    ///     .typed_method("answer", |_conn, (): ()| async { Ok::<u8, RemoteError>(42) });
+    /// assert_eq!(iface.method_names(), vec!["divide", "answer"]);
+    /// ```
+    pub fn typed_method<A, R, F, Fut>(self, name: impl Into<String>, f: F) -> Self
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+        F: Fn(Connection, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, RemoteError>> + Send + 'static,
+    {
+        let name = name.into();
+        let method = name.clone();
+        self.method(name, move |conn, args| {
+            let started = tether_wire::from_args::<A>(args).map(|args| f(conn, args));
+            let method = method.clone();
+            async move {
+                let result = started.map_err(crate::typed::invalid_signature)?.await?;
+                tether_wire::to_value(&result).map_err(|e| {
+                    tracing::warn!(method, error = %e, "a typed method's result does not convert");
+                    RemoteError::code(ErrorCode::InternalApiError)
+                })
+            }
+        })
+    }
+
+    /// Adds a handler for an incoming event whose arguments convert to `A` (a tuple, or `()`).
+    /// An event whose arguments do not convert has no one to answer: it is logged and the
+    /// handler is not run.
+    pub fn on_typed_event<A, F>(self, name: impl Into<String>, f: F) -> Self
+    where
+        A: DeserializeOwned,
+        F: Fn(Connection, A) + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let event = name.clone();
+        self.on_event(name, move |conn, args| {
+            match tether_wire::from_args::<A>(args) {
+                Ok(args) => f(conn, args),
+                Err(e) => tracing::warn!(
+                    event,
+                    error = %crate::typed::describe_args_error(&e),
+                    "an event's arguments do not convert; its handler did not run"
+                ),
+            }
+        })
     }
 
     /// Method names, in definition order.

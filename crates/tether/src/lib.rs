@@ -47,6 +47,7 @@ pub mod server;
 pub mod store;
 pub mod testing;
 pub mod transport;
+pub mod typed;
 
 pub use app::{AppRegistry, Application, Interface, MethodResult};
 pub use client::{
@@ -55,5 +56,6 @@ pub use client::{
 pub use connection::{Connection, ConnectionConfig, ConnectionEvent, RemoteProxy, Role};
 pub use error::{Error, RemoteError};
 pub use server::{AuthPolicy, AuthRequest, LoginPolicy, Server, ServerBuilder, ServerEvent};
-pub use tether_wire::{Auth, ErrorCode, Value};
+pub use tether_wire::{from_value, to_value, Auth, ErrorCode, Value, ValueError};
 pub use transport::{Endpoint, TransportError, TransportKind};
+pub use typed::{TypedBroadcast, TypedConnection, TypedError};
