@@ -370,3 +370,159 @@ async fn typed_events_reach_typed_handlers_in_order_and_bad_ones_are_skipped() {
     conn.close().await;
     server.shutdown().await;
 }
+
+// ------------------------------------------------------------ with the real Node peer
+
+/// The fixture's testApp, written with typed methods only.
+fn typed_test_app() -> Application {
+    Application::new("testApp", "1.0.0")
+        .unwrap()
+        .interface(
+            "calculator",
+            Interface::new()
+                .typed_method("answer", |_conn, (): ()| async {
+                    Ok::<u8, RemoteError>(42)
+                })
+                .typed_method("divide", |_conn, (a, b): (f64, f64)| async move {
+                    if b == 0.0 {
+                        return Err(RemoteError::new(1, "Zero division"));
+                    }
+                    Ok(a / b)
+                })
+                .typed_method("doNothing", |_conn, (): ()| async {
+                    Ok::<(), RemoteError>(())
+                }),
+        )
+        .interface(
+            "someService",
+            Interface::new()
+                .typed_method("sayHi", |_conn, (name,): (String,)| async move {
+                    Ok::<_, RemoteError>(format!("Hi, {name}!"))
+                })
+                .typed_method("say", |_conn, (what,): (Value,)| async move {
+                    Ok::<_, RemoteError>(what)
+                }),
+        )
+        .interface(
+            "someOtherService",
+            Interface::new()
+                .typed_method("method", |_conn, (x,): (Value,)| async move {
+                    Ok::<_, RemoteError>(x)
+                })
+                .typed_method("otherMethod", |_conn, (): ()| async {
+                    Ok::<(), RemoteError>(())
+                }),
+        )
+}
+
+/// The Node client's `basic` scenario (the fixture's methods, errors, inspect, ping) passes
+/// against the fixture written with typed methods.
+#[tokio::test]
+async fn their_client_passes_the_basic_scenario_against_typed_methods() {
+    let server = Server::builder()
+        .application(typed_test_app())
+        .build()
+        .unwrap();
+    let addr = within(
+        LIMIT,
+        "a TCP listener",
+        server.listen("jstp://127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let steps = common::scenario(&format!("jstp://{addr}"), "basic", &[]).await;
+    let names: Vec<_> = steps
+        .iter()
+        .map(|s| s["step"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        names.contains(&"divide") && names.contains(&"inspectSomeService"),
+        "{names:?}"
+    );
+    server.shutdown().await;
+}
+
+/// Our typed client against their (`@metarhia/jstp`) server: results, a user struct and an
+/// enum through a JS echo, JS's own `[17]` for a wrong arity.
+#[tokio::test]
+async fn our_typed_client_against_their_server() {
+    let certs = common::certs();
+    let (_node, urls) = within(LIMIT, "the node server", common::node_server(&certs, &[])).await;
+    let url = &urls.iter().find(|(k, _)| *k == "tcp").unwrap().1;
+    let conn = within(
+        LIMIT,
+        "the handshake with the node server",
+        tether::connect(url, "testApp", ClientOptions::default().no_reconnect()),
+    )
+    .await
+    .unwrap();
+
+    let q: f64 = within(
+        LIMIT,
+        "their calculator.divide(20, 8)",
+        conn.call_typed("calculator", "divide", (20, 8)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(q, 2.5);
+    let hi: String = within(
+        LIMIT,
+        "their someService.sayHi('Rust')",
+        conn.call_typed("someService", "sayHi", ("Rust",)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(hi, "Hi, Rust!");
+    let (): () = within(
+        LIMIT,
+        "their calculator.doNothing()",
+        conn.call_typed("calculator", "doNothing", ()),
+    )
+    .await
+    .unwrap();
+
+    let order = Order {
+        id: 9,
+        items: vec!["it's \"quoted\"".into(), "ünï".into()],
+        note: None,
+        prices: [("a".to_owned(), -1.5), ("7".to_owned(), 1e21)].into(),
+    };
+    let echoed: Order = within(
+        LIMIT,
+        "their someOtherService.method(order)",
+        conn.call_typed("someOtherService", "method", (&order,)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(echoed, order);
+    let receipt = Receipt::Accepted {
+        id: 1,
+        total: 0.1 + 0.2,
+    };
+    let echoed: Receipt = within(
+        LIMIT,
+        "their someService.say(receipt)",
+        conn.call_typed("someService", "say", (&receipt,)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(echoed, receipt);
+
+    let e = within(
+        LIMIT,
+        "their calculator.divide(1)",
+        conn.call_typed::<f64>("calculator", "divide", (1,)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(remote_code(&e), Some(17), "{e}");
+    let e = within(
+        LIMIT,
+        "their calculator.divide(1, 0)",
+        conn.call_typed::<f64>("calculator", "divide", (1, 0)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(remote_code(&e), Some(1), "{e}");
+    conn.close().await;
+}
