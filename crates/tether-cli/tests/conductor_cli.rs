@@ -4,7 +4,7 @@
 mod common;
 
 use common::{serve, within, DEADLINE};
-use tether::conductor::{ConductorConnection, ConductorError, ConductorOptions, Value};
+use tether::conductor::{AppSignal, ConductorConnection, ConductorError, ConductorOptions, Value};
 use tether::{connect, ClientOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,17 +62,16 @@ async fn serve_hosts_the_example_app_on_the_conductor_protocol() {
     let signal = within(DEADLINE, "the chat signal", signals.recv())
         .await
         .unwrap();
+    // An app signal from zome `chat`, `{type:"app", value:{cell_id, zome_name, signal}}`.
+    let app = AppSignal::from_signal(&signal).unwrap_or_else(|| panic!("{signal}"));
+    assert_eq!(signal.as_map().unwrap()[0].1, Value::from("app"));
+    assert_eq!(app.zome_name, "chat");
     let expected = Value::Map(vec![
         ("type".into(), "chat".into()),
-        (
-            "data".into(),
-            Value::Map(vec![
-                ("user".into(), Value::Nil),
-                ("text".into(), "hello".into()),
-            ]),
-        ),
+        ("user".into(), Value::Nil),
+        ("text".into(), "hello".into()),
     ]);
-    assert_eq!(signal, expected);
+    assert_eq!(app.signal, expected);
     within(DEADLINE, "the JSTP close", jstp.close()).await;
     let code = within(DEADLINE, "the conductor close", conductor.close(None)).await;
     assert_eq!(code.unwrap(), 1000);

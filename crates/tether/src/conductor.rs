@@ -1,6 +1,11 @@
 //! Holochain conductor connections: MessagePack request/response/signal envelopes over
 //! WebSocket binary messages (see [`tether_wire::conductor`] and `docs/conductor-wire.md`),
-//! as the conductor and the npm client `@whi/holochain-websocket` speak them.
+//! as Holochain conductors (0.1 to 0.7) and the npm clients `@whi/holochain-websocket`,
+//! `@spartan-hc/holochain-websocket` and `@holochain/client` speak them.
+//!
+//! Payloads come in two [`Dialect`]s: `{type, value}` (Holochain 0.5+, the default) and
+//! `{type, data}` (0.1–0.4). The client speaks the one in [`ConductorOptions::dialect`]; the
+//! server answers each request in the dialect it was asked in.
 //!
 //! [`ConductorConnection`] is the client (the npm `Connection` class in Rust form);
 //! [`ConductorServer`] routes requests to async handlers by method name and pushes signals.
@@ -30,19 +35,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tether_wire::conductor::{
-    error_payload, request_payload, response_payload, split_payload, to_bytes, WireError,
+    authenticate_payload, authenticate_token, from_bytes, to_bytes, Envelope, Payload, WireError,
     WireMessage,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request as HandshakeRequest, Response as HandshakeResponse,
+};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 
-pub use tether_wire::conductor::Value;
+pub use tether_wire::conductor::{CellId, Dialect, Value};
 
 /// What can go wrong on a conductor connection.
 #[derive(Debug, Clone, Error)]
@@ -67,7 +76,7 @@ pub enum ConductorError {
     /// The request was failed by [`ConductorConnection::flush`].
     #[error("request failed by flush")]
     Flushed,
-    /// The peer answered with an error payload (`{type:"error",data:{type,data}}`).
+    /// The peer answered with an error payload (`{type:"error",value:{type,value}}`, or `data`).
     #[error("{kind}: {message}")]
     Remote {
         /// The error kind (`internal_error`, `deserialization`, `ribosome_error`, …).
@@ -97,7 +106,9 @@ pub enum MessageKind {
     Signal,
 }
 
-/// Client options. Defaults follow the npm client: 15 s timeout, host 127.0.0.1, `ws://`.
+/// Client options. Defaults follow the npm clients (15 s timeout, host 127.0.0.1, `ws://`) and
+/// today's conductor (`{type, value}` payloads, an `Origin` header, which conductors since 0.3
+/// require).
 #[derive(Debug, Clone)]
 pub struct ConductorOptions {
     /// A name for logs; defaults to a process-wide connection counter.
@@ -112,6 +123,10 @@ pub struct ConductorOptions {
     pub tls: TlsClientOptions,
     /// Largest message accepted. Default 16 MiB.
     pub max_message_size: usize,
+    /// The payload convention spoken. Default [`Dialect::Value`] (Holochain 0.5+).
+    pub dialect: Dialect,
+    /// The `Origin` header of the WebSocket handshake (`None`: no header). Default `"tether"`.
+    pub origin: Option<String>,
 }
 
 impl Default for ConductorOptions {
@@ -123,6 +138,8 @@ impl Default for ConductorOptions {
             secure: false,
             tls: TlsClientOptions::default(),
             max_message_size: 16 << 20,
+            dialect: Dialect::Value,
+            origin: Some("tether".into()),
         }
     }
 }
@@ -175,7 +192,7 @@ enum Command {
         args: Value,
         reply: oneshot::Sender<Result<Value, ConductorError>>,
     },
-    Send(WireMessage, oneshot::Sender<Result<(), ConductorError>>),
+    Send(Envelope, oneshot::Sender<Result<(), ConductorError>>),
     /// Drop pending requests whose callers gave up (timed out).
     Forget,
     Flush(oneshot::Sender<usize>),
@@ -254,8 +271,13 @@ async fn dial(
     } else {
         Box::new(tcp)
     };
+    let mut request = uri.into_client_request().map_err(|e| connect_err(&e))?;
+    if let Some(origin) = &options.origin {
+        let value = http::HeaderValue::from_str(origin).map_err(|e| connect_err(&e))?;
+        request.headers_mut().insert(http::header::ORIGIN, value);
+    }
     let (ws, _) = tokio_tungstenite::client_async_with_config(
-        uri,
+        request,
         io,
         Some(ws_config(options.max_message_size)),
     )
@@ -301,6 +323,7 @@ impl ConductorConnection {
             Some(name) => format!("{n}:{name}"),
             None => n.to_string(),
         };
+        let dialect = options.dialect;
         let (commands, rx) = mpsc::channel(1024);
         let (opened_tx, opened) = watch::channel(None);
         let (closed_tx, closed) = watch::channel(None);
@@ -319,6 +342,7 @@ impl ConductorConnection {
             opened: opened_tx,
             closed: closed_tx,
             signals,
+            dialect,
         };
         (conn, parts)
     }
@@ -404,12 +428,24 @@ impl ConductorConnection {
                 )))
             }
         };
+        self.send_envelope(Envelope::Message(msg)).await
+    }
+
+    async fn send_envelope(&self, envelope: Envelope) -> Result<(), ConductorError> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(Command::Send(msg, tx))
+            .send(Command::Send(envelope, tx))
             .await
             .map_err(|_| ConductorError::Closed)?;
         rx.await.unwrap_or(Err(ConductorError::Closed))
+    }
+
+    /// Sends `authenticate` with `token` (`{token: [u8…]}`, the conductor's encoding). App
+    /// interfaces require it as the first message, within 10 s; a conductor answers a bad token
+    /// by closing the connection, so nothing is awaited here (as in the npm clients).
+    pub async fn authenticate(&self, token: &[u8]) -> Result<(), ConductorError> {
+        let data = authenticate_payload(token);
+        self.send_envelope(Envelope::Authenticate { data }).await
     }
 
     /// Calls `method` with `args` and returns the response's data. Fails with
@@ -444,7 +480,7 @@ impl ConductorConnection {
         }
     }
 
-    /// Signals from now on (each signal's decoded payload).
+    /// Signals from now on (each signal's decoded payload; see [`AppSignal::from_signal`]).
     pub fn signals(&self) -> broadcast::Receiver<Value> {
         self.signals.subscribe()
     }
@@ -455,6 +491,57 @@ struct DriverParts {
     opened: watch::Sender<Option<Result<(), ConductorError>>>,
     closed: watch::Sender<Option<u16>>,
     signals: broadcast::Sender<Value>,
+    dialect: Dialect,
+}
+
+/// An app signal: `{type:"app", value:{cell_id, zome_name, signal}}` (0.5+) or `{App:{…}}`
+/// (0.1–0.4), with the nested `signal` bytes decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppSignal {
+    /// The cell that emitted it.
+    pub cell_id: CellId,
+    /// The zome that emitted it.
+    pub zome_name: String,
+    /// The app's signal, decoded from its MessagePack bytes.
+    pub signal: Value,
+}
+
+impl AppSignal {
+    /// Reads a signal payload as an app signal; `None` for a system or unknown signal.
+    pub fn from_signal(payload: &Value) -> Option<AppSignal> {
+        let entries = payload.as_map()?;
+        let get = |m: &[(Value, Value)], key: &str| {
+            m.iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v.clone())
+        };
+        let body = match get(entries, "App") {
+            Some(body) => body,
+            None if get(entries, "type")?.as_str() == Some("app") => get(entries, "value")?,
+            None => return None,
+        };
+        let body = body.as_map()?;
+        let cell = get(body, "cell_id")?;
+        let [dna, agent] = cell.as_array()?.as_slice() else {
+            return None;
+        };
+        let bytes = |v: &Value| match v {
+            Value::Binary(b) => Some(b.clone()),
+            _ => None,
+        };
+        let signal = match get(body, "signal")? {
+            Value::Binary(b) => from_bytes(&b).ok()?,
+            _ => return None,
+        };
+        Some(AppSignal {
+            cell_id: CellId {
+                dna_hash: bytes(dna)?,
+                agent_pub_key: bytes(agent)?,
+            },
+            zome_name: get(body, "zome_name")?.as_str()?.to_owned(),
+            signal,
+        })
+    }
 }
 
 impl DriverParts {
@@ -483,18 +570,24 @@ fn fail_command(cmd: Command) {
     }
 }
 
+/// A response's result, read from `value` or `data` whichever dialect was asked: a peer that
+/// answers in the other one is still understood.
 fn response_result(data: Option<Vec<u8>>) -> Result<Value, ConductorError> {
     let data = data.ok_or(ConductorError::Cancelled)?;
-    let (kind, value) = split_payload(&data)?;
-    if kind == "error" {
-        let (kind, message) = match split_payload(&to_bytes(&value)) {
-            Ok((k, Value::String(m))) => (k, m.into_str().unwrap_or_default()),
-            Ok((k, other)) => (k, other.to_string()),
-            Err(_) => ("unknown".into(), value.to_string()),
+    let payload = Payload::decode(&data)?;
+    if payload.kind == "error" {
+        let (kind, message) = match Payload::from_value(payload.content.clone()) {
+            Ok(Payload {
+                kind,
+                content: Value::String(m),
+                ..
+            }) => (kind, m.into_str().unwrap_or_default()),
+            Ok(Payload { kind, content, .. }) => (kind, content.to_string()),
+            Err(_) => ("unknown".into(), payload.content.to_string()),
         };
         return Err(ConductorError::Remote { kind, message });
     }
-    Ok(value)
+    Ok(payload.content)
 }
 
 async fn drive<S>(ws: WebSocketStream<S>, mut parts: DriverParts)
@@ -533,7 +626,7 @@ where
                     }
                     let id = next_id;
                     next_id += 1;
-                    let msg = WireMessage::Request { id, data: request_payload(&method, args) };
+                    let msg = WireMessage::Request { id, data: parts.dialect.payload(&method, args) };
                     if sink.send(WsMessage::binary(msg.encode())).await.is_err() {
                         let _ = reply.send(Err(ConductorError::Closed));
                         break;
@@ -562,13 +655,14 @@ where
                             tracing::debug!(id, "response to no pending request");
                         }
                     }
-                    Ok(WireMessage::Signal { data }) => match tether_wire::conductor::from_bytes(&data) {
+                    Ok(WireMessage::Signal { data }) => match from_bytes(&data) {
                         Ok(v) => { let _ = parts.signals.send(v); }
                         Err(e) => tracing::debug!(error = %e, "undecodable signal"),
                     },
                     Ok(WireMessage::Request { id, .. }) => {
                         // Clients serve nothing: answer with an error rather than leave it hanging.
-                        let msg = WireMessage::Response { id, data: Some(error_payload("internal_error", "this client serves no requests")) };
+                        let error = parts.dialect.error("internal_error", "this client serves no requests");
+                        let msg = WireMessage::Response { id, data: Some(error) };
                         let _ = sink.send(WsMessage::binary(msg.encode())).await;
                     }
                     Err(e) => tracing::debug!(error = %e, "invalid envelope ignored"),
@@ -598,16 +692,53 @@ where
 type Handler =
     Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, (String, String)>> + Send + Sync>;
 
+/// The cell of [`ConductorServer`]'s app signals unless [`ConductorServerBuilder::cell_id`] says
+/// otherwise: valid 39-byte hashes (prefix, 32 bytes of `d1`/`a1`, DHT location), which clients
+/// that check hashes (`@spartan-hc/holo-hash`) accept.
+pub fn example_cell_id() -> CellId {
+    let hash = |prefix: [u8; 3], fill: u8, loc: [u8; 4]| {
+        let mut h = prefix.to_vec();
+        h.extend([fill; 32]);
+        h.extend(loc);
+        h
+    };
+    CellId {
+        dna_hash: hash([0x84, 0x2d, 0x24], 0xd1, [0x95, 0x23, 0x47, 0x82]),
+        agent_pub_key: hash([0x84, 0x20, 0x24], 0xa1, [0xd4, 0x3b, 0xe3, 0x31]),
+    }
+}
+
+/// How long an app interface waits for `authenticate`, as the conductor does.
+pub const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Builds a [`ConductorServer`].
-#[derive(Default)]
 pub struct ConductorServerBuilder {
     handlers: HashMap<String, Handler>,
     max_message_size: Option<usize>,
+    dialect: Dialect,
+    tokens: Option<Vec<Vec<u8>>>,
+    authentication_timeout: Duration,
+    allowed_origins: Option<Vec<String>>,
+    cell_id: CellId,
+}
+
+impl Default for ConductorServerBuilder {
+    fn default() -> Self {
+        ConductorServerBuilder {
+            handlers: HashMap::new(),
+            max_message_size: None,
+            dialect: Dialect::Value,
+            tokens: None,
+            authentication_timeout: AUTHENTICATION_TIMEOUT,
+            allowed_origins: None,
+            cell_id: example_cell_id(),
+        }
+    }
 }
 
 impl ConductorServerBuilder {
-    /// Routes requests of type `method` to `f`, which gets the request's `data` and returns the
-    /// response data or `(error kind, message)`.
+    /// Routes requests of type `method` to `f`, which gets the request's content and returns the
+    /// response content or `(error kind, message)`.
     pub fn handler<F, Fut>(mut self, method: impl Into<String>, f: F) -> Self
     where
         F: Fn(Value) -> Fut + Send + Sync + 'static,
@@ -624,12 +755,51 @@ impl ConductorServerBuilder {
         self
     }
 
+    /// The dialect of signals (and errors) sent to a client before it has shown its own in a
+    /// request. Default [`Dialect::Value`].
+    pub fn dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// Makes this an app interface: the first message must be `authenticate` with one of
+    /// `tokens`, within [`AUTHENTICATION_TIMEOUT`]; otherwise the connection is closed.
+    pub fn tokens(mut self, tokens: impl IntoIterator<Item = Vec<u8>>) -> Self {
+        self.tokens = Some(tokens.into_iter().collect());
+        self
+    }
+
+    /// How long to wait for `authenticate` when tokens are required.
+    pub fn authentication_timeout(mut self, after: Duration) -> Self {
+        self.authentication_timeout = after;
+        self
+    }
+
+    /// Accepts only WebSocket handshakes whose `Origin` is one of `origins` (`"*"`: any origin,
+    /// but one is required, as on a conductor); others get HTTP 400. By default any origin, and
+    /// none, is accepted (the older npm clients send none).
+    pub fn allowed_origins(mut self, origins: impl IntoIterator<Item = String>) -> Self {
+        self.allowed_origins = Some(origins.into_iter().collect());
+        self
+    }
+
+    /// The cell named in app signals. Default [`example_cell_id`].
+    pub fn cell_id(mut self, cell_id: CellId) -> Self {
+        self.cell_id = cell_id;
+        self
+    }
+
     /// Builds the server.
     pub fn build(self) -> ConductorServer {
         ConductorServer {
             inner: Arc::new(ServerInner {
                 handlers: self.handlers,
                 max_message_size: self.max_message_size.unwrap_or(16 << 20),
+                dialect: self.dialect,
+                tokens: self.tokens,
+                authentication_timeout: self.authentication_timeout,
+                allowed_origins: self.allowed_origins,
+                cell_id: self.cell_id,
                 clients: Mutex::new(HashMap::new()),
                 next_client: AtomicU64::new(1),
                 events: broadcast::channel(1024).0,
@@ -641,10 +811,10 @@ impl ConductorServerBuilder {
 /// What happens on a [`ConductorServer`].
 #[derive(Debug, Clone)]
 pub enum ConductorServerEvent {
-    /// A client connected.
+    /// A client connected (and authenticated, when the interface requires it).
     Connected(u64),
     /// A client sent something invalid; the connection was closed (`closed`) or the message
-    /// dropped.
+    /// skipped, as a conductor skips a frame it cannot decode.
     BadInput {
         /// The client.
         client: u64,
@@ -657,10 +827,21 @@ pub enum ConductorServerEvent {
     Disconnected(u64),
 }
 
+struct ClientSlot {
+    tx: mpsc::Sender<WsMessage>,
+    /// The dialect of the client's latest request that showed one (signals follow it).
+    dialect: Arc<Mutex<Dialect>>,
+}
+
 struct ServerInner {
     handlers: HashMap<String, Handler>,
     max_message_size: usize,
-    clients: Mutex<HashMap<u64, mpsc::Sender<WsMessage>>>,
+    dialect: Dialect,
+    tokens: Option<Vec<Vec<u8>>>,
+    authentication_timeout: Duration,
+    allowed_origins: Option<Vec<String>>,
+    cell_id: CellId,
+    clients: Mutex<HashMap<u64, ClientSlot>>,
     next_client: AtomicU64,
     events: broadcast::Sender<ConductorServerEvent>,
 }
@@ -675,6 +856,14 @@ impl std::fmt::Debug for ConductorServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConductorServer").finish_non_exhaustive()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn signal_message(data: Vec<u8>) -> WsMessage {
+    WsMessage::binary(WireMessage::Signal { data }.encode())
 }
 
 impl ConductorServer {
@@ -707,60 +896,65 @@ impl ConductorServer {
         Ok(local)
     }
 
-    /// Clients connected now.
+    /// Clients connected (and authenticated, where required) now.
     pub fn clients(&self) -> Vec<u64> {
-        self.inner
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect()
+        lock(&self.inner.clients).keys().copied().collect()
     }
 
-    /// Sends a signal with `payload` to one client; `false` if it is gone or its queue is full.
+    /// Sends a signal with `payload` as is to one client; `false` if it is gone or its queue is
+    /// full.
     pub fn signal(&self, client: u64, payload: &Value) -> bool {
-        let msg = WsMessage::binary(
-            WireMessage::Signal {
-                data: to_bytes(payload),
-            }
-            .encode(),
-        );
-        let clients = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients
+        let msg = signal_message(to_bytes(payload));
+        lock(&self.inner.clients)
             .get(&client)
-            .is_some_and(|tx| tx.try_send(msg).is_ok())
+            .is_some_and(|c| c.tx.try_send(msg).is_ok())
     }
 
-    /// Sends a signal to every client; returns how many got it.
+    /// Sends a signal with `payload` as is to every client; returns how many got it.
     pub fn broadcast_signal(&self, payload: &Value) -> usize {
-        let msg = WsMessage::binary(
-            WireMessage::Signal {
-                data: to_bytes(payload),
-            }
-            .encode(),
-        );
-        let clients = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let msg = signal_message(to_bytes(payload));
+        lock(&self.inner.clients)
+            .values()
+            .filter(|c| c.tx.try_send(msg.clone()).is_ok())
+            .count()
+    }
+
+    /// Sends an app signal from `zome_name` (on the server's cell) to one client, in its dialect.
+    pub fn app_signal(&self, client: u64, zome_name: &str, signal: &Value) -> bool {
+        let clients = lock(&self.inner.clients);
+        clients.get(&client).is_some_and(|c| {
+            let dialect = *lock(&c.dialect);
+            let data = dialect.app_signal(&self.inner.cell_id, zome_name, signal);
+            c.tx.try_send(signal_message(data)).is_ok()
+        })
+    }
+
+    /// Sends an app signal to every client, each in its dialect; returns how many got it.
+    pub fn broadcast_app_signal(&self, zome_name: &str, signal: &Value) -> usize {
+        let mut encoded: HashMap<Dialect, WsMessage> = HashMap::new();
+        let clients = lock(&self.inner.clients);
         clients
             .values()
-            .filter(|tx| tx.try_send(msg.clone()).is_ok())
+            .filter(|c| {
+                let dialect = *lock(&c.dialect);
+                let msg = encoded.entry(dialect).or_insert_with(|| {
+                    signal_message(dialect.app_signal(&self.inner.cell_id, zome_name, signal))
+                });
+                c.tx.try_send(msg.clone()).is_ok()
+            })
             .count()
     }
 
     async fn serve(&self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let config = ws_config(self.inner.max_message_size);
-        let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
+        let check = OriginCheck(self.inner.allowed_origins.as_deref());
+        let Ok(ws) =
+            tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
+        else {
             return;
         };
         let id = self.inner.next_client.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut outgoing) = mpsc::channel::<WsMessage>(1024);
-        self.inner
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx.clone());
-        let _ = self.inner.events.send(ConductorServerEvent::Connected(id));
         let (mut sink, mut incoming) = ws.split();
         let bad = |error: String, closed: bool| {
             let _ = self.inner.events.send(ConductorServerEvent::BadInput {
@@ -769,55 +963,111 @@ impl ConductorServer {
                 closed,
             });
         };
+        if let Some(tokens) = &self.inner.tokens {
+            let first = tokio::time::timeout(self.inner.authentication_timeout, async {
+                loop {
+                    match incoming.next().await {
+                        Some(Ok(WsMessage::Binary(b))) => return Ok(b.to_vec()),
+                        Some(Ok(WsMessage::Text(t))) => return Ok(t.as_bytes().to_vec()),
+                        Some(Ok(WsMessage::Close(_))) | None => return Err(None),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(Some(e.to_string())),
+                    }
+                }
+            })
+            .await;
+            let refused = match first {
+                Err(_) => Some(format!(
+                    "no authenticate within {:?}",
+                    self.inner.authentication_timeout
+                )),
+                Ok(Err(None)) => return,
+                Ok(Err(Some(e))) => Some(e),
+                Ok(Ok(bytes)) => match Envelope::decode(&bytes) {
+                    Ok(Envelope::Authenticate { data }) => match authenticate_token(&data) {
+                        Ok(token) if tokens.contains(&token) => None,
+                        Ok(_) => Some("invalid token".into()),
+                        Err(e) => Some(e.to_string()),
+                    },
+                    Ok(Envelope::Message(m)) => {
+                        Some(format!("{} before authenticate", kind_of(&m)))
+                    }
+                    Err(e) => Some(e.to_string()),
+                },
+            };
+            if let Some(error) = refused {
+                // A conductor drops the connection; a Close frame tells the client why.
+                bad(error, true);
+                let frame = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "not authenticated".into(),
+                };
+                let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                return;
+            }
+        }
+        let (tx, mut outgoing) = mpsc::channel::<WsMessage>(1024);
+        let dialect = Arc::new(Mutex::new(self.inner.dialect));
+        lock(&self.inner.clients).insert(
+            id,
+            ClientSlot {
+                tx: tx.clone(),
+                dialect: dialect.clone(),
+            },
+        );
+        let _ = self.inner.events.send(ConductorServerEvent::Connected(id));
         loop {
-            tokio::select! {
+            let bytes = tokio::select! {
                 Some(msg) = outgoing.recv() => {
                     if sink.send(msg).await.is_err() {
                         break;
                     }
+                    continue;
                 }
                 msg = incoming.next() => match msg {
-                    Some(Ok(WsMessage::Binary(bytes))) => match WireMessage::decode(&bytes) {
-                        Ok(WireMessage::Request { id: rid, data }) => self.dispatch(rid, data, tx.clone()),
-                        Ok(other) => bad(format!("unexpected {:?} from a client", kind_of(&other)), false),
-                        Err(e) => {
-                            // Not an envelope at all: the peer does not speak the protocol.
-                            bad(e.to_string(), true);
-                            let frame = CloseFrame { code: CloseCode::Protocol, reason: "invalid envelope".into() };
-                            let _ = sink.send(WsMessage::Close(Some(frame))).await;
-                            break;
-                        }
-                    },
-                    Some(Ok(WsMessage::Text(_))) => {
-                        bad("text message; the protocol is binary".into(), true);
-                        let frame = CloseFrame { code: CloseCode::Unsupported, reason: "binary messages only".into() };
-                        let _ = sink.send(WsMessage::Close(Some(frame))).await;
-                        break;
-                    }
+                    Some(Ok(WsMessage::Binary(bytes))) => bytes.to_vec(),
+                    // A conductor reads a text frame's bytes as MessagePack too.
+                    Some(Ok(WsMessage::Text(text))) => text.as_bytes().to_vec(),
                     Some(Ok(WsMessage::Close(_))) | None => {
                         let _ = sink.close().await;
                         break;
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => continue,
                     Some(Err(e)) => {
                         bad(e.to_string(), true);
                         break;
                     }
                 },
+            };
+            match Envelope::decode(&bytes) {
+                Ok(Envelope::Message(WireMessage::Request { id: rid, data })) => {
+                    self.dispatch(rid, data, &dialect, tx.clone())
+                }
+                // Only the first message may authenticate; later ones (or any on an interface
+                // without tokens, like an admin interface) are ignored.
+                Ok(Envelope::Authenticate { .. }) => {}
+                Ok(Envelope::Message(other)) => bad(
+                    format!("unexpected {} from a client", kind_of(&other)),
+                    false,
+                ),
+                // As a conductor: skip what does not decode, keep the connection.
+                Err(e) => bad(e.to_string(), false),
             }
         }
-        self.inner
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        lock(&self.inner.clients).remove(&id);
         let _ = self
             .inner
             .events
             .send(ConductorServerEvent::Disconnected(id));
     }
 
-    fn dispatch(&self, rid: u64, data: Vec<u8>, tx: mpsc::Sender<WsMessage>) {
+    fn dispatch(
+        &self,
+        rid: u64,
+        data: Vec<u8>,
+        client_dialect: &Mutex<Dialect>,
+        tx: mpsc::Sender<WsMessage>,
+    ) {
         let respond = move |payload: Vec<u8>| {
             let msg = WireMessage::Response {
                 id: rid,
@@ -825,27 +1075,70 @@ impl ConductorServer {
             };
             WsMessage::binary(msg.encode())
         };
-        let (method, args) = match split_payload(&data) {
-            Ok(x) => x,
+        let request = Payload::decode(&data);
+        // Answer in the dialect asked in; a unit request (`{type}` alone) shows none.
+        let dialect = {
+            let mut current = lock(client_dialect);
+            if let Some(d) = request.as_ref().ok().and_then(|p| p.dialect) {
+                *current = d;
+            }
+            *current
+        };
+        let Payload {
+            kind: method,
+            content: args,
+            ..
+        } = match request {
+            Ok(p) => p,
             Err(e) => {
-                let _ = tx.try_send(respond(error_payload("deserialization", &e.to_string())));
+                let message = format!("Failed to deserialize request: {e}");
+                let _ = tx.try_send(respond(dialect.error("deserialization", &message)));
                 return;
             }
         };
         let Some(handler) = self.inner.handlers.get(&method).cloned() else {
             // As the conductor: a request it cannot deserialize into a known method.
             let message = format!("unknown request type '{method}'");
-            let _ = tx.try_send(respond(error_payload("deserialization", &message)));
+            let _ = tx.try_send(respond(dialect.error("deserialization", &message)));
             return;
         };
         tokio::spawn(async move {
             let payload = match tokio::spawn(handler(args)).await {
-                Ok(Ok(value)) => response_payload(&method, value),
-                Ok(Err((kind, message))) => error_payload(&kind, &message),
-                Err(_) => error_payload("internal_error", "handler panicked"),
+                Ok(Ok(value)) => dialect.payload(&method, value),
+                Ok(Err((kind, message))) => dialect.error(&kind, &message),
+                Err(_) => dialect.error("internal_error", "handler panicked"),
             };
             let _ = tx.send(respond(payload)).await;
         });
+    }
+}
+
+/// The handshake's `Origin` check: with allowed origins set, one must be sent and listed (`"*"`
+/// lists all); refusals are HTTP 400, as on a conductor.
+struct OriginCheck<'a>(Option<&'a [String]>);
+
+impl Callback for OriginCheck<'_> {
+    fn on_request(
+        self,
+        request: &HandshakeRequest,
+        response: HandshakeResponse,
+    ) -> Result<HandshakeResponse, ErrorResponse> {
+        let Some(allowed) = self.0 else {
+            return Ok(response);
+        };
+        let why = match request.headers().get(http::header::ORIGIN) {
+            None => "Missing `Origin` header",
+            Some(origin) => {
+                let origin = origin.to_str().unwrap_or_default();
+                if allowed.iter().any(|a| a == "*" || a == origin) {
+                    return Ok(response);
+                }
+                "Origin not allowed"
+            }
+        };
+        let mut refusal = ErrorResponse::new(Some(why.to_owned()));
+        *refusal.status_mut() = http::StatusCode::BAD_REQUEST;
+        Err(refusal)
     }
 }
 

@@ -228,8 +228,9 @@ fn conductor_value(v: &Value) -> crate::conductor::Value {
 
 /// The example application on the conductor protocol: requests `answer` (→ 42), `divide`
 /// (`{a, b}` → `a / b`; error `internal_error` 'Zero division' when `b` is 0) and `say_hi`
-/// (`{name}` → `'Hi, <name>!'`), and a signal `{type: 'chat', data: {user, text}}` to every
-/// conductor client on each chat message of `chat`.
+/// (`{name}` → `'Hi, <name>!'`), and an app signal from zome `chat`, `{type: 'chat', user,
+/// text}`, to every conductor client on each chat message of `chat` (a conductor's signal shape,
+/// in each client's dialect: `@holochain/client` throws on any other).
 pub fn conductor_server(chat: &ChatHub) -> crate::conductor::ConductorServer {
     use crate::conductor::{ConductorServer, Value as M};
     fn number(args: &M, key: &str) -> Option<f64> {
@@ -262,17 +263,12 @@ pub fn conductor_server(chat: &ChatHub) -> crate::conductor::ConductorServer {
         .build();
     let signals = server.clone();
     chat.on_message(move |user, text| {
-        let payload = M::Map(vec![
+        let signal = M::Map(vec![
             ("type".into(), "chat".into()),
-            (
-                "data".into(),
-                M::Map(vec![
-                    ("user".into(), conductor_value(user)),
-                    ("text".into(), conductor_value(text)),
-                ]),
-            ),
+            ("user".into(), conductor_value(user)),
+            ("text".into(), conductor_value(text)),
         ]);
-        signals.broadcast_signal(&payload);
+        signals.broadcast_app_signal("chat", &signal);
     });
     server
 }

@@ -1,6 +1,8 @@
-//! Conductor connections against real peers: the npm client `@whi/holochain-websocket` against
-//! our server, our client against a Node server written here on `ws` + `@msgpack/msgpack` (the
-//! pair the conductor clients use) over ws:// and wss://, and bad input to our server.
+//! Conductor connections against real peers: the npm clients `@whi/holochain-websocket` 0.1.6,
+//! `@spartan-hc/holochain-websocket` 1.3.3 and `@holochain/client` 0.21.0 against our server,
+//! our client against a Node server written here on `ws` + `@msgpack/msgpack` (the pair the
+//! conductor clients use) over ws:// and wss://, our client against our server in both payload
+//! dialects, authentication, Origin checks, and bad input to our server.
 //!
 //! Needs `npm ci --ignore-scripts` in interop/ (`.ci/run` does it).
 
@@ -13,8 +15,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 use tether::conductor::{
-    ConductorConnection, ConductorError, ConductorOptions, ConductorServer, ConductorServerEvent,
-    Value,
+    example_cell_id, AppSignal, ConductorConnection, ConductorError, ConductorOptions,
+    ConductorServer, ConductorServerBuilder, ConductorServerEvent, Dialect, Value,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -63,7 +65,11 @@ fn field(v: &Value, key: &str) -> Option<f64> {
 
 /// Our server with the handlers the npm client scenario uses.
 fn our_server() -> ConductorServer {
-    ConductorServer::builder()
+    our_handlers(ConductorServer::builder()).build()
+}
+
+fn our_handlers(builder: ConductorServerBuilder) -> ConductorServerBuilder {
+    builder
         .handler("answer", |_| async { Ok(Value::from(42)) })
         .handler("divide", |args| async move {
             let (a, b) = (field(&args, "a"), field(&args, "b"));
@@ -77,7 +83,6 @@ fn our_server() -> ConductorServer {
         })
         .handler("never", |_| std::future::pending())
         .max_message_size(64 * 1024)
-        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,23 +382,37 @@ fn envelope(pairs: Vec<(&str, Value)>) -> Vec<u8> {
     ))
 }
 
+/// As a conductor: a frame that does not decode is skipped and reported (`BadInput` with
+/// `closed: false`), and the connection keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_closes_only_that_connection() {
+async fn undecodable_frames_are_skipped_and_reported() {
     let server = our_server();
     let addr = within("listen", server.listen("127.0.0.1:0"))
         .await
         .unwrap();
     let mut events = server.events();
-    let good = ConductorConnection::new(addr.as_str(), ConductorOptions::default()).unwrap();
-    within("open", good.open(None)).await.unwrap();
-
-    let cases: Vec<(&str, WsMessage, u16)> = vec![
-        ("not msgpack", WsMessage::binary(vec![0xa5, b'a']), 1002),
-        ("text", WsMessage::text("{\"type\":\"request\"}"), 1003),
+    let sock = within("tcp connect", tokio::net::TcpStream::connect(&addr))
+        .await
+        .unwrap();
+    let (mut ws, _) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async(format!("ws://{addr}"), sock),
+    )
+    .await
+    .unwrap();
+    let cases: Vec<(&str, WsMessage)> = vec![
+        ("not msgpack", WsMessage::binary(vec![0xa5, b'a'])),
+        ("text", WsMessage::text("{\"type\":\"request\"}")),
         (
             "unknown type",
             WsMessage::binary(envelope(vec![("type", "gossip".into())])),
-            1002,
+        ),
+        (
+            "capitalised type",
+            WsMessage::binary(envelope(vec![
+                ("type", "Gossip".into()),
+                ("data", Value::Binary(vec![0xc0])),
+            ])),
         ),
         (
             "missing id",
@@ -401,19 +420,46 @@ async fn bad_input_closes_only_that_connection() {
                 ("type", "request".into()),
                 ("data", Value::Binary(vec![0xc0])),
             ])),
-            1002,
         ),
     ];
-    for (name, message, code) in cases {
-        assert_eq!(close_code_after(&addr, name, message).await, code, "{name}");
-        bad_input_closed(&mut events, name).await;
-        assert_eq!(
-            within("answer", good.request("answer", Value::Nil, None))
-                .await
-                .unwrap(),
-            Value::from(42),
-            "{name}"
-        );
+    let answer = envelope(vec![
+        ("type", "request".into()),
+        ("id", 9.into()),
+        (
+            "data",
+            Value::Binary(Dialect::Value.payload("answer", Value::Nil)),
+        ),
+    ]);
+    for (name, message) in cases {
+        within(&format!("{name}: send"), ws.send(message))
+            .await
+            .unwrap();
+        within(&format!("{name}: ConductorServerEvent::BadInput"), async {
+            loop {
+                if let ConductorServerEvent::BadInput { closed, .. } = events.recv().await.unwrap()
+                {
+                    assert!(!closed, "{name}");
+                    break;
+                }
+            }
+        })
+        .await;
+        // The same connection still answers.
+        within(
+            &format!("{name}: send a request"),
+            ws.send(WsMessage::binary(answer.clone())),
+        )
+        .await
+        .unwrap();
+        let reply = within(&format!("{name}: the response"), ws.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let expected = tether_wire::conductor::WireMessage::Response {
+            id: 9,
+            data: Some(Dialect::Value.payload("answer", 42.into())),
+        };
+        assert_eq!(reply.into_data().to_vec(), expected.encode(), "{name}");
     }
     assert_eq!(server.clients().len(), 1);
 }
@@ -482,4 +528,334 @@ async fn an_existing_websocket_and_raw_sends() {
         Value::from(42)
     );
     assert_eq!(within("close", conn.close(None)).await.unwrap(), 1000);
+}
+
+const TOKEN: [u8; 3] = [1, 2, 3];
+
+/// The app signal every scenario waits for: `{type:"chat", user, text}` from zome `chat`.
+fn chat_signal() -> Value {
+    map(&[
+        ("type", "chat".into()),
+        ("user", "ann".into()),
+        ("text", "hi".into()),
+    ])
+}
+
+/// Runs a Node scenario against `server` to its end: collects the steps by name and, when the
+/// peer says it waits for a signal, broadcasts the chat app signal to it.
+async fn drive_node(
+    server: &ConductorServer,
+    args: &[&str],
+) -> std::collections::HashMap<String, Json> {
+    let mut child = node(args);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut steps = std::collections::HashMap::new();
+    let scenario = args[0];
+    loop {
+        let line = within(&format!("{scenario}: the next line"), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{scenario} ended early after {steps:?}"));
+        let v: Json = serde_json::from_str(&line).unwrap();
+        if v["done"] == true {
+            return steps;
+        }
+        if v["waiting"] == "signal" {
+            assert_eq!(server.broadcast_app_signal("chat", &chat_signal()), 1);
+            continue;
+        }
+        steps.insert(v["step"].as_str().unwrap().to_owned(), v);
+    }
+}
+
+/// The seed's own client: map-form request tags and `{type, data}` payloads, `authenticate`,
+/// `flush`, and app signals in the `{App: …}` shape with hashes its holo-hash library accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spartan_client_against_our_server() {
+    let server = our_handlers(ConductorServer::builder())
+        .tokens([TOKEN.to_vec()])
+        .build();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let steps = drive_node(&server, &["spartan", &format!("ws://{addr}"), "1,2,3"]).await;
+    for step in [
+        "open",
+        "authenticate",
+        "answer",
+        "divide",
+        "flush",
+        "signal",
+        "close",
+    ] {
+        assert_eq!(steps[step]["ok"], true, "{step}: {}", steps[step]);
+    }
+    assert_eq!(steps["answer"]["result"], 42);
+    assert_eq!(steps["divide"]["result"], 2.0);
+    assert_eq!(steps["divideByZero"]["error"]["name"], "ConductorError");
+    assert_eq!(steps["divideByZero"]["error"]["message"], "Zero division");
+    assert_eq!(steps["unknown"]["error"]["name"], "DeserializationError");
+    let flushed = &steps["flush"]["result"];
+    assert_eq!(flushed["count"], 2);
+    for e in flushed["errors"].as_array().unwrap() {
+        assert_eq!(e["message"], "Connection has been flushed");
+    }
+    assert_eq!(steps["timeout"]["error"]["name"], "TimeoutError");
+    let signal = &steps["signal"]["result"];
+    assert_eq!(signal["zome"], "chat");
+    assert_eq!(signal["type"], "chat");
+    assert_eq!(
+        signal["data"],
+        serde_json::json!({"user": "ann", "text": "hi"})
+    );
+    assert_eq!(
+        signal["dna"],
+        "uhC0k0dHR0dHR0dHR0dHR0dHR0dHR0dHR0dHR0dHR0dHR0dGVI0eC"
+    );
+    assert_eq!(
+        signal["agent"],
+        "uhCAkoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaHUO-Mx"
+    );
+    assert_eq!(steps["close"]["result"], 1000);
+}
+
+/// The official client of today's conductors: `{type, value}` payloads and errors, an Origin the
+/// server restricts, `authenticate`, and a `{type:"app", value}` signal it decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holochain_client_against_our_server() {
+    let server = our_handlers(ConductorServer::builder())
+        .tokens([TOKEN.to_vec()])
+        .allowed_origins(["tether-test".to_owned()])
+        .build();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let url = format!("ws://{addr}");
+    let steps = drive_node(&server, &["hcclient", &url, "1,2,3", "tether-test"]).await;
+    for step in [
+        "open",
+        "authenticate",
+        "answer",
+        "divide",
+        "divideByZero",
+        "signal",
+        "close",
+    ] {
+        assert_eq!(steps[step]["ok"], true, "{step}: {}", steps[step]);
+    }
+    assert_eq!(
+        steps["answer"]["result"],
+        serde_json::json!({"type": "answer", "value": 42})
+    );
+    assert_eq!(steps["divide"]["result"]["type"], "divide");
+    assert_eq!(steps["divide"]["result"]["value"], 2.0);
+    assert_eq!(
+        steps["divideByZero"]["result"],
+        serde_json::json!({"type": "error", "value": {"type": "internal_error", "value": "Zero division"}})
+    );
+    assert_eq!(
+        steps["signal"]["result"],
+        serde_json::json!({
+            "type": "app",
+            "zome_name": "chat",
+            "payload": {"type": "chat", "user": "ann", "text": "hi"},
+            "cell_id": [39, 39],
+        })
+    );
+    assert_eq!(steps["close"]["result"], 1000);
+}
+
+/// Our client against our server in each dialect: requests, results, errors and app signals all
+/// in the dialect the client speaks (the server follows it per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_in_both_dialects() {
+    let server = our_handlers(ConductorServer::builder())
+        .tokens([TOKEN.to_vec()])
+        .build();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let mut events = server.events();
+    for dialect in [Dialect::Value, Dialect::Data] {
+        let options = ConductorOptions {
+            dialect,
+            ..ConductorOptions::default()
+        };
+        let conn = ConductorConnection::new(addr.as_str(), options).unwrap();
+        within("open", conn.open(None)).await.unwrap();
+        within("authenticate", conn.authenticate(&TOKEN))
+            .await
+            .unwrap();
+        let client = within("ConductorServerEvent::Connected", async {
+            loop {
+                if let ConductorServerEvent::Connected(c) = events.recv().await.unwrap() {
+                    break c;
+                }
+            }
+        })
+        .await;
+        let mut signals = conn.signals();
+        let args = map(&[("a", 20.into()), ("b", 10.into())]);
+        assert_eq!(
+            within("divide", conn.request("divide", args, None))
+                .await
+                .unwrap(),
+            Value::from(2.0),
+            "{dialect:?}"
+        );
+        let zero = map(&[("a", 1.into()), ("b", 0.into())]);
+        match within("divide by zero", conn.request("divide", zero, None)).await {
+            Err(ConductorError::Remote { kind, message }) => assert_eq!(
+                (kind.as_str(), message.as_str()),
+                ("internal_error", "Zero division"),
+                "{dialect:?}"
+            ),
+            other => panic!("{dialect:?}: {other:?}"),
+        }
+        assert!(server.app_signal(client, "chat", &chat_signal()));
+        let raw = within("the app signal", signals.recv()).await.unwrap();
+        // The shape follows the dialect: `{type:"app", value}` or `{App: …}`.
+        let tag = raw.as_map().unwrap()[0].0.as_str().unwrap().to_owned();
+        let expected_tag = match dialect {
+            Dialect::Value => "type",
+            Dialect::Data => "App",
+        };
+        assert_eq!(tag, expected_tag, "{dialect:?}: {raw}");
+        let signal = AppSignal::from_signal(&raw).unwrap();
+        assert_eq!(signal.cell_id, example_cell_id());
+        assert_eq!(signal.zome_name, "chat");
+        assert_eq!(signal.signal, chat_signal());
+        assert_eq!(within("close", conn.close(None)).await.unwrap(), 1000);
+    }
+}
+
+/// Waits for the server's `BadInput` that closed a connection; returns its error.
+async fn refused(
+    events: &mut tokio::sync::broadcast::Receiver<ConductorServerEvent>,
+    name: &str,
+) -> String {
+    within(&format!("{name}: ConductorServerEvent::BadInput"), async {
+        loop {
+            if let ConductorServerEvent::BadInput { closed, error, .. } =
+                events.recv().await.unwrap()
+            {
+                assert!(closed, "{name}: {error}");
+                break error;
+            }
+        }
+    })
+    .await
+}
+
+/// An app interface closes (1008) a connection whose first message is not `authenticate` with a
+/// known token, or that sends nothing before the authentication deadline; an unauthenticated
+/// connection gets no signals and is not counted as a client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_interface_requires_authentication_first() {
+    let server = our_handlers(ConductorServer::builder())
+        .tokens([TOKEN.to_vec()])
+        .authentication_timeout(Duration::from_millis(300))
+        .build();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let mut events = server.events();
+    let request = WsMessage::binary(envelope(vec![
+        ("type", "request".into()),
+        ("id", 0.into()),
+        (
+            "data",
+            Value::Binary(Dialect::Value.payload("answer", Value::Nil)),
+        ),
+    ]));
+    let auth = |token: &[u8]| {
+        WsMessage::binary(
+            tether_wire::conductor::Envelope::Authenticate {
+                data: tether_wire::conductor::authenticate_payload(token),
+            }
+            .encode(),
+        )
+    };
+    let cases = [
+        ("a request first", request, "request before authenticate"),
+        ("a wrong token", auth(&[9, 9]), "invalid token"),
+        (
+            "garbage first",
+            WsMessage::binary(vec![0xa5, b'a']),
+            "not a MessagePack value",
+        ),
+    ];
+    for (name, message, error) in cases {
+        assert_eq!(close_code_after(&addr, name, message).await, 1008, "{name}");
+        let got = refused(&mut events, name).await;
+        assert!(got.contains(error), "{name}: {got}");
+    }
+    // Silence: the deadline closes the connection.
+    let silent = ConductorConnection::new(addr.as_str(), ConductorOptions::default()).unwrap();
+    within("open", silent.open(None)).await.unwrap();
+    assert!(refused(&mut events, "silence")
+        .await
+        .contains("no authenticate within"));
+    assert!(matches!(
+        within(
+            "a request after the deadline",
+            silent.request("answer", Value::Nil, None)
+        )
+        .await,
+        Err(ConductorError::Closed)
+    ));
+    assert!(server.clients().is_empty());
+    // The right token, then requests work.
+    let good = ConductorConnection::new(addr.as_str(), ConductorOptions::default()).unwrap();
+    within("open", good.open(None)).await.unwrap();
+    within("authenticate", good.authenticate(&TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(
+        within("answer", good.request("answer", Value::Nil, None))
+            .await
+            .unwrap(),
+        Value::from(42)
+    );
+    assert_eq!(server.clients().len(), 1);
+}
+
+/// With allowed origins set, a handshake without an `Origin` header or with another origin is
+/// refused (HTTP 400, as a conductor does); by default any origin and none are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_are_checked_when_restricted() {
+    let restricted = our_handlers(ConductorServer::builder())
+        .allowed_origins(["https://ok.example".to_owned()])
+        .build();
+    let open_addr = our_server();
+    let restricted_addr = within("listen", restricted.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let any_addr = within("listen", open_addr.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let with_origin = |origin: Option<&str>| ConductorOptions {
+        origin: origin.map(str::to_owned),
+        ..ConductorOptions::default()
+    };
+    for (addr, origin, opens) in [
+        (&restricted_addr, Some("https://ok.example"), true),
+        (&restricted_addr, Some("https://evil.example"), false),
+        (&restricted_addr, None, false),
+        (&any_addr, None, true),
+        (&any_addr, Some("https://evil.example"), true),
+    ] {
+        let conn = ConductorConnection::new(addr.as_str(), with_origin(origin)).unwrap();
+        let result = within("open", conn.open(None)).await;
+        match (opens, result) {
+            (true, Ok(())) => assert_eq!(
+                within("answer", conn.request("answer", Value::Nil, None))
+                    .await
+                    .unwrap(),
+                Value::from(42)
+            ),
+            (false, Err(ConductorError::Connect(e))) => assert!(e.contains("400"), "{e}"),
+            (_, other) => panic!("{origin:?} on {addr}: {other:?}"),
+        }
+    }
 }
