@@ -1,16 +1,21 @@
-//! `tether hub`: connect to many peers at once and watch them.
+//! `tether hub`: connect to many peers at once, keep them (redial, liveness check) and watch
+//! them.
 
 use clap::Args;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use tether::hub::{Entry, Hub, HubEvent, HubOptions};
-use tether::Error;
+use std::sync::Arc;
+use std::time::Duration;
+use tether::hub::{Entry, Heartbeat, Hub, HubEvent, HubOptions, JstpConnector, Schedule};
+use tether::reconnect::Backoff;
+use tether::{ClientOptions, Error};
 
 /// Options of `tether hub`.
 #[derive(Args, Debug)]
 pub struct HubArgs {
-    /// Peer addresses (`net:HOST:PORT`, `tls:HOST:PORT`, `ws://HOST:PORT`, `unix:PATH`,
-    /// optionally `~shs:KEY`; alternatives separated by `;`).
+    /// Peer addresses (`net:HOST:PORT`, `tls:HOST:PORT`, `ws://HOST:PORT`, `wss://HOST:PORT`,
+    /// `unix:PATH`, optionally `~shs:KEY`; alternatives separated by `;`).
     addresses: Vec<String>,
     /// Read more addresses from a file, one per line (`#` starts a comment).
     #[arg(long, value_name = "PATH")]
@@ -21,37 +26,154 @@ pub struct HubArgs {
     /// Redraw a table of the entries on every change instead of printing JSON lines.
     #[arg(long)]
     table: bool,
+    /// PEM file of a CA to trust for `tls:` and `wss://` peers.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Do not verify the peers' certificates (testing only).
+    #[arg(long)]
+    insecure: bool,
+    /// Deadline for connecting and for the handshake (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = 15_000)]
+    timeout: u64,
+    /// Do not dial a lost peer again.
+    #[arg(long)]
+    no_redial: bool,
+    /// First redial delay (milliseconds); it doubles up to `--redial-max`, plus up to 1 s of
+    /// jitter.
+    #[arg(long, value_name = "MS", default_value_t = 1_000)]
+    redial_min: u64,
+    /// Largest redial delay before jitter (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = 32_000)]
+    redial_max: u64,
+    /// Ping every connected peer this often and drop one that leaves a ping unanswered as
+    /// long (milliseconds); 0 turns the liveness check off.
+    #[arg(long, value_name = "MS", default_value_t = 15_000)]
+    heartbeat: u64,
+    /// Redial a dropped link with a fresh session instead of letting the connection restore
+    /// its own.
+    #[arg(long)]
+    no_resume: bool,
+}
+
+impl HubArgs {
+    fn client_options(&self) -> ClientOptions {
+        let timeout = Duration::from_millis(self.timeout);
+        let mut options = ClientOptions {
+            handshake_timeout: timeout,
+            ..ClientOptions::default()
+        };
+        options.transport.connect_timeout = timeout;
+        options.transport.tls.ca_pem = self.ca.clone();
+        options.transport.tls.insecure = self.insecure;
+        options
+    }
+
+    fn schedule(&self) -> Schedule {
+        let ms = Duration::from_millis;
+        let redial = Backoff {
+            initial: ms(self.redial_min),
+            max: ms(self.redial_max.max(self.redial_min)),
+            // Jitter spreads redials of many peers; below 1 s delays it is scaled down.
+            jitter: ms(self.redial_min.min(1_000)),
+            max_attempts: None,
+        };
+        Schedule {
+            redial: (!self.no_redial).then(|| Arc::new(redial) as Arc<dyn tether::hub::Redial>),
+            heartbeat: (self.heartbeat > 0).then(|| Heartbeat {
+                interval: ms(self.heartbeat),
+                timeout: ms(self.heartbeat),
+            }),
+            resume: !self.no_resume,
+        }
+    }
+}
+
+fn lower(d: impl std::fmt::Debug) -> String {
+    format!("{d:?}").to_lowercase()
 }
 
 fn entry_json(address: &str, e: &Entry) -> serde_json::Value {
     json!({
         "address": address,
-        "state": format!("{:?}", e.state).to_lowercase(),
+        "state": lower(e.state),
         "key": e.key.map(|k| k.to_string()),
-        "direction": e.direction.map(|d| format!("{d:?}").to_lowercase()),
+        "direction": e.direction.map(lower),
     })
 }
 
-fn event_json(e: &HubEvent) -> serde_json::Value {
-    let mut line = json!({"event": e.kind(), "address": e.address()});
-    if let HubEvent::ConnectingFailed { error, .. } | HubEvent::DisconnectingFailed { error, .. } =
-        e
-    {
-        line["error"] = json!(error.to_string());
+/// One line per event: its kind, address, key (`null` without one), direction (`null` before
+/// a connection), and what the kind carries (error, cause, redial delay).
+fn event_json(e: &HubEvent, direction: Option<tether::hub::Direction>) -> serde_json::Value {
+    let mut line = json!({
+        "event": e.kind(),
+        "address": e.address(),
+        "key": e.key().map(|k| k.to_string()),
+        "direction": direction.map(lower),
+    });
+    match e {
+        HubEvent::ConnectingFailed { error, .. } | HubEvent::DisconnectingFailed { error, .. } => {
+            line["error"] = json!(error.to_string());
+        }
+        HubEvent::Disconnected { cause, .. } => line["cause"] = json!(cause.to_string()),
+        HubEvent::Redialing {
+            delay, failures, ..
+        } => {
+            line["delay_ms"] = json!(delay.as_millis() as u64);
+            line["failures"] = json!(failures);
+        }
+        _ => {}
     }
     line
 }
 
-fn draw_table(entries: &[(String, Entry)]) {
-    // Clear the screen and home the cursor, then one row per address.
+/// Addresses out of the hub that failed, with their state (`failed`, or `waiting` for a
+/// redial) and last error; the table shows them below the hub's entries' order.
+type Lost = BTreeMap<String, (&'static str, String)>;
+
+fn track_lost(lost: &mut Lost, e: &HubEvent) {
+    let address = e.address().to_owned();
+    match e {
+        HubEvent::ConnectingFailed { error, .. } => {
+            lost.insert(address, ("failed", error.to_string()));
+        }
+        HubEvent::Disconnected { cause, .. } => {
+            if *cause == tether::hub::Cause::Requested {
+                lost.remove(&address);
+            } else {
+                lost.insert(address, ("failed", cause.to_string()));
+            }
+        }
+        HubEvent::Redialing { .. } => {
+            if let Some(row) = lost.get_mut(&address) {
+                row.0 = "waiting";
+            }
+        }
+        HubEvent::Connected { .. } => {
+            lost.remove(&address);
+        }
+        _ => {}
+    }
+}
+
+fn draw_table(entries: &[(String, Entry)], lost: &Lost) {
+    // Clear the screen and home the cursor, then one row per address, sorted.
     print!("\x1b[2J\x1b[H");
-    println!("{:<13} {:<9} ADDRESS", "STATE", "DIRECTION");
-    for (address, e) in entries {
-        let state = format!("{:?}", e.state).to_lowercase();
-        let direction = e
-            .direction
-            .map_or("-".to_owned(), |d| format!("{d:?}").to_lowercase());
-        println!("{state:<13} {direction:<9} {address}");
+    println!("{:<13} {:<9} ADDRESS ERROR", "STATE", "DIRECTION");
+    let mut rows: Vec<(&str, String, String, &str)> = entries
+        .iter()
+        .map(|(a, e)| {
+            let direction = e.direction.map_or("-".to_owned(), lower);
+            (a.as_str(), lower(e.state), direction, "")
+        })
+        .collect();
+    for (a, (state, error)) in lost {
+        if !entries.iter().any(|(e, _)| e == a) {
+            rows.push((a, (*state).to_owned(), "-".to_owned(), error));
+        }
+    }
+    rows.sort_by(|x, y| x.0.cmp(y.0));
+    for (address, state, direction, error) in rows {
+        println!("{state:<13} {direction:<9} {address} {error}");
     }
 }
 
@@ -74,13 +196,20 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
         a.parse::<tether::hub::MultiAddress>()
             .map_err(|e| Error::InvalidArgument(format!("{a}: {e}")))?;
     }
-    let hub = Hub::new(HubOptions::jstp(args.app.clone()));
+    if let Some(ca) = &args.ca {
+        std::fs::metadata(ca)
+            .map_err(|e| Error::InvalidArgument(format!("--ca {}: {e}", ca.display())))?;
+    }
+    let connector = JstpConnector::new(args.app.clone(), args.client_options());
+    let hub = Hub::new(HubOptions::with_connector(connector).scheduler(args.schedule()));
     let hub_err = |e: tether::hub::HubError| Error::InvalidArgument(e.to_string());
     let mut events = hub.listen().map_err(hub_err)?;
     let mut live = hub.live_entries().map_err(hub_err)?;
     let first = live.next().await.unwrap_or_default();
+    let mut latest = first.clone();
+    let mut lost = Lost::new();
     if args.table {
-        draw_table(&first);
+        draw_table(&first, &lost);
     } else {
         let entries: Vec<_> = first.iter().map(|(a, e)| entry_json(a, e)).collect();
         println!("{}", json!({ "entries": entries }));
@@ -92,9 +221,14 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
             let _ = hub.connect(&a, Default::default()).await;
         });
     }
+    // The direction of each connected address, for the lines of its later events.
+    let mut directions = BTreeMap::new();
     tokio::pin!(stop);
     let mut stopping = false;
-    loop {
+    // The table needs both streams (entries, and events for the lost peers); both end when
+    // the hub is closed.
+    let (mut events_open, mut live_open) = (true, args.table);
+    while events_open || live_open {
         tokio::select! {
             _ = &mut stop, if !stopping => {
                 // Keep reporting while the hub disconnects everything; its streams end after.
@@ -102,16 +236,35 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
                 let hub = hub.clone();
                 tokio::spawn(async move { hub.close().await });
             }
-            event = events.recv(), if !args.table => match event {
-                Ok(e) => println!("{}", event_json(&e)),
+            entries = live.next(), if live_open => match entries {
+                Some(entries) => {
+                    latest = entries;
+                    draw_table(&latest, &lost);
+                }
+                None => live_open = false,
+            },
+            event = events.recv(), if events_open => match event {
+                Ok(e) => {
+                    if let HubEvent::Connected { direction, .. } = &e {
+                        directions.insert(e.address().to_owned(), *direction);
+                    }
+                    let direction = directions.get(e.address()).copied();
+                    if matches!(e, HubEvent::Disconnected { .. }) {
+                        directions.remove(e.address());
+                    }
+                    track_lost(&mut lost, &e);
+                    if args.table {
+                        if !matches!(e, HubEvent::Connecting { .. } | HubEvent::Disconnecting { .. }) {
+                            draw_table(&latest, &lost);
+                        }
+                    } else {
+                        println!("{}", event_json(&e, direction));
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "hub events fell behind");
                 }
-                Err(_) => break,
-            },
-            entries = live.next(), if args.table => match entries {
-                Some(entries) => draw_table(&entries),
-                None => break,
+                Err(_) => events_open = false,
             },
         }
     }

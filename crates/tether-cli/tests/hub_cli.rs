@@ -1,65 +1,161 @@
-//! `tether hub` against real `tether serve` processes: it connects to every peer, reports a
-//! peer killed mid-connection, refuses bad addresses, and stops cleanly.
+//! `tether hub` against real `tether serve` processes: every event line carries the address,
+//! key and direction; a killed peer is redialled once it restarts on its port; a frozen
+//! (SIGSTOPped) peer is dropped by the liveness check and redialled after SIGCONT; a failed
+//! dial stays in `--table` with its error; `tls:` and `wss://` peers are reached with `--ca`
+//! or `--insecure`; bad addresses are refused; the hub stops cleanly.
 
 mod common;
 
-use common::{free_port, run, serve, wait_within, Proc, BIN, DEADLINE};
+use common::{free_port, run, serve, wait_within, LineReader, Proc, BIN, DEADLINE};
 use serde_json::Value as Json;
+use std::collections::HashMap;
 use std::process::{Command, Stdio};
 
-#[test]
-fn hub_connects_to_every_peer_and_reports_a_killed_one() {
-    let (mut first, ready1) = serve(&["--tcp", "127.0.0.1:0"]);
-    let (_second, ready2) = serve(&["--ws", "127.0.0.1:0"]);
-    let a1 = format!("net:{}", ready1["tcp"][0].as_str().unwrap());
-    let a2 = format!("ws://{}", ready2["ws"][0].as_str().unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("peers.txt");
-    std::fs::write(&file, format!("# peers\n{a2}\n\n")).unwrap();
-    let mut hub = common::Proc(
+const KEY: &str = "pAhDcHjunq6epPvYYo483vBjcuDkE10qrc2tYC827R0=";
+
+/// `tether hub ARGS…` with its stdout as lines.
+fn hub(args: &[&str]) -> (Proc, LineReader) {
+    let mut hub = Proc(
         Command::new(BIN)
-            .args(["hub", &a1, "--file"])
-            .arg(&file)
+            .arg("hub")
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     let mut lines = hub.stdout_lines("hub");
-    assert_eq!(
-        lines.json("the first table"),
-        serde_json::json!({"entries": []})
-    );
-    let mut connected = Vec::new();
-    while connected.len() < 2 {
-        let line = lines.json("connecting/connected events");
-        match line["event"].as_str().unwrap() {
-            "connecting" => {}
-            "connected" => connected.push(line["address"].as_str().unwrap().to_owned()),
-            other => panic!("unexpected {other}: {line}"),
+    if !args.contains(&"--table") {
+        assert_eq!(
+            lines.json("the first table"),
+            serde_json::json!({"entries": []})
+        );
+    }
+    (hub, lines)
+}
+
+/// Reads event lines until one of `kind` for `address`; checks that every line read names its
+/// key and direction (`null` when there is none).
+fn until(lines: &mut LineReader, kind: &str, address: &str) -> Json {
+    let what = format!("a {kind} line for {address}");
+    loop {
+        let line = lines.json(&what);
+        assert!(line.get("key").is_some(), "no key: {line}");
+        assert!(line.get("direction").is_some(), "no direction: {line}");
+        if line["event"] == kind && line["address"] == address {
+            return line;
         }
     }
-    connected.sort();
-    let mut expected = vec![a1.clone(), a2];
-    expected.sort();
-    assert_eq!(connected, expected);
+}
 
-    // Kill the first peer outright: the hub reports it gone, once.
+fn signal(proc: &Proc, sig: &str) {
+    let pid = proc.0.id().to_string();
+    let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// After the hub is terminated: each address's last two events are `disconnecting` and a
+/// `disconnected` with cause `requested`.
+fn assert_clean_stop(hub: &mut Proc, lines: &mut LineReader, addresses: &[&str]) {
+    assert!(hub.terminate(), "hub did not stop cleanly");
+    let mut per_address: HashMap<String, Vec<Json>> = HashMap::new();
+    for l in lines.rest("the hub's last events") {
+        let line: Json = serde_json::from_str(&l).unwrap();
+        let address = line["address"].as_str().unwrap().to_owned();
+        per_address.entry(address).or_default().push(line);
+    }
+    for a in addresses {
+        let events = &per_address[*a];
+        let kinds: Vec<&str> = events.iter().filter_map(|l| l["event"].as_str()).collect();
+        assert_eq!(
+            kinds[kinds.len() - 2..],
+            ["disconnecting", "disconnected"],
+            "{a}"
+        );
+        assert_eq!(events.last().unwrap()["cause"], "requested", "{a}");
+    }
+}
+
+#[test]
+fn hub_lines_carry_key_and_direction_and_a_killed_peer_is_redialled_once_restarted() {
+    let (first, ready1) = serve(&["--tcp", "127.0.0.1:0"]);
+    let (_second, ready2) = serve(&["--ws", "127.0.0.1:0"]);
+    let tcp = ready1["tcp"][0].as_str().unwrap().to_owned();
+    let a1 = format!("net:{tcp}~shs:{KEY}");
+    let a2 = format!("ws://{}", ready2["ws"][0].as_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("peers.txt");
+    std::fs::write(&file, format!("# peers\n{a2}\n\n")).unwrap();
+    let file = file.to_str().unwrap();
+    // Fresh dials, quick redials.
+    let flags = ["--no-resume", "--redial-min", "50", "--redial-max", "400"];
+    let mut args = vec![a1.as_str(), "--file", file];
+    args.extend(flags);
+    let (mut hub, mut lines) = hub(&args);
+    let key = format!("@{KEY}.ed25519");
+    let up = until(&mut lines, "connected", &a1);
+    assert_eq!(up["key"], key.as_str());
+    assert_eq!(up["direction"], "outbound");
+    let up = until(&mut lines, "connected", &a2);
+    assert_eq!(up["key"], Json::Null);
+    assert_eq!(up["direction"], "outbound");
+
+    // Kill the first peer outright: the hub reports it gone, with why, and redials it.
+    let mut first = first;
     first.0.kill().unwrap();
     wait_within(&mut first.0, DEADLINE, "the killed peer");
-    let line = lines.json("the killed peer's disconnected event");
-    assert_eq!(line["event"], "disconnected");
-    assert_eq!(line["address"], a1.as_str());
+    let gone = until(&mut lines, "disconnected", &a1);
+    assert_eq!(gone["cause"], "connection closed");
+    assert_eq!(
+        (&gone["key"], &gone["direction"]),
+        (&Json::from(key.as_str()), &Json::from("outbound"))
+    );
+    let redial = until(&mut lines, "redialing", &a1);
+    assert_eq!(redial["failures"], 1);
+    assert!(redial["delay_ms"].as_u64().unwrap() >= 50, "{redial}");
+    let failed = until(&mut lines, "connecting-failed", &a1);
+    assert!(
+        failed["error"].as_str().unwrap().contains("refused"),
+        "{failed}"
+    );
+    assert_eq!(failed["key"], key.as_str());
 
-    assert!(hub.terminate(), "hub did not stop cleanly");
-    // On its way out it disconnects the remaining peer.
-    let rest: Vec<Json> = lines
-        .rest("the hub's last events")
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let kinds: Vec<&str> = rest.iter().filter_map(|l| l["event"].as_str()).collect();
-    assert_eq!(kinds, ["disconnecting", "disconnected"]);
+    // Back on the same port: dialled again, without being asked.
+    let (_back, _) = serve(&["--tcp", &tcp]);
+    let up = until(&mut lines, "connected", &a1);
+    assert_eq!(up["direction"], "outbound");
+
+    assert_clean_stop(&mut hub, &mut lines, &[&a1, &a2]);
+}
+
+#[test]
+fn hub_drops_a_frozen_peer_by_heartbeat_and_redials_it_after_sigcont() {
+    let (peer, ready) = serve(&["--tcp", "127.0.0.1:0"]);
+    let address = format!("net:{}", ready["tcp"][0].as_str().unwrap());
+    let (mut hub, mut lines) = hub(&[
+        &address,
+        "--heartbeat",
+        "300",
+        "--timeout",
+        "600",
+        "--redial-min",
+        "50",
+        "--redial-max",
+        "200",
+    ]);
+    until(&mut lines, "connected", &address);
+    signal(&peer, "-STOP");
+    let gone = until(&mut lines, "disconnected", &address);
+    assert_eq!(gone["cause"], "no pong within 300ms");
+    // Still stopped: the kernel accepts the redial's TCP connection, nobody answers it.
+    let failed = until(&mut lines, "connecting-failed", &address);
+    assert!(
+        failed["error"].as_str().unwrap().contains("timed out"),
+        "{failed}"
+    );
+    signal(&peer, "-CONT");
+    until(&mut lines, "connected", &address);
+    assert_clean_stop(&mut hub, &mut lines, &[&address]);
 }
 
 #[test]
@@ -72,61 +168,111 @@ fn hub_refuses_bad_addresses() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("peer key"));
 }
 
-/// One row of `tether hub --table`: state, direction, address.
-fn row(line: &str) -> (String, String, String) {
-    let cols: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cols.len(), 3, "not a table row: {line:?}");
-    (cols[0].into(), cols[1].into(), cols[2].into())
+/// One row of `tether hub --table`: state, direction, address and the error (may be empty).
+fn row(line: &str) -> (String, String, String, String) {
+    let mut cols = line.split_whitespace();
+    let mut col = || cols.next().unwrap_or_default().to_owned();
+    let (state, direction, address) = (col(), col(), col());
+    assert!(!address.is_empty(), "not a table row: {line:?}");
+    let error = line
+        .split_once(address.as_str())
+        .unwrap()
+        .1
+        .trim()
+        .to_owned();
+    (state, direction, address, error)
 }
 
 #[test]
-fn hub_table_shows_a_connected_peer_and_drops_a_failed_one() {
+fn hub_table_keeps_a_failed_dial_with_its_error() {
     let (_serve, ready) = serve(&["--ws", "127.0.0.1:0"]);
     let good = format!("ws://{}", ready["ws"][0].as_str().unwrap());
     // Nothing listens there: the dial is refused. `net:` sorts before `ws://`, so in every
-    // redraw its row (if any) comes before the good peer's, and a frame is known complete
-    // once the good peer's row is read.
+    // redraw its row comes before the good peer's, and a frame is known complete once the
+    // good peer's row is read.
     let failed = format!("net:127.0.0.1:{}", free_port());
-    let mut hub = Proc(
-        Command::new(BIN)
-            .args(["hub", "--table", &failed, &good])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = hub.stdout_lines("hub --table");
+    let (mut hub, mut lines) = hub(&["--table", "--no-redial", &failed, &good]);
     const CLEAR: &str = "\x1b[2J\x1b[H";
-    let header = format!("{CLEAR}STATE         DIRECTION ADDRESS");
+    let header = format!("{CLEAR}STATE         DIRECTION ADDRESS ERROR");
     assert_eq!(lines.line("the first table"), header);
 
-    let mut failed_seen_connecting = false;
-    let mut failed_in_frame = false;
+    let mut failed_row = None;
     loop {
-        let line = lines.line("a table where the good peer is connected and the failed one gone");
+        let line = lines.line("a table with the good peer connected and the failed one failed");
         if line == header {
-            failed_in_frame = false;
+            failed_row = None;
             continue;
         }
-        let (state, direction, address) = row(&line);
+        let (state, direction, address, error) = row(&line);
         if address == failed {
-            assert_eq!((state.as_str(), direction.as_str()), ("connecting", "-"));
-            failed_seen_connecting = true;
-            failed_in_frame = true;
+            assert_eq!(direction, "-");
+            failed_row = Some((state, error));
         } else {
             assert_eq!(address, good, "{line:?}");
             if state == "connected" {
                 assert_eq!(direction, "outbound");
-                if failed_seen_connecting && !failed_in_frame {
+                if failed_row.as_ref().is_some_and(|(s, _)| s == "failed") {
                     break;
                 }
-            } else {
-                assert_eq!((state.as_str(), direction.as_str()), ("connecting", "-"));
             }
         }
     }
+    let (_, error) = failed_row.unwrap();
+    assert!(error.starts_with("connecting failed: "), "{error}");
+    assert!(error.contains("refused"), "{error}");
     assert!(hub.terminate(), "hub --table did not stop cleanly");
-    // Its last redraws: the good peer disconnecting, then an empty table.
+    // Its last redraw: the good peer gone; the failed dial is still shown.
     let rest = lines.rest("the hub's last redraws");
-    assert_eq!(rest.last(), Some(&header), "{rest:?}");
+    let last_frame = rest.iter().rposition(|l| *l == header).unwrap();
+    let rows: Vec<_> = rest[last_frame + 1..].iter().map(|l| row(l)).collect();
+    assert_eq!(rows.len(), 1, "{rest:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].2.as_str()),
+        ("failed", failed.as_str())
+    );
+}
+
+#[test]
+fn hub_reaches_tls_and_wss_peers_with_ca_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (_serve, ready) = serve(&[
+        "--tls",
+        "127.0.0.1:0",
+        "--wss",
+        "127.0.0.1:0",
+        "--cert",
+        cert,
+        "--key",
+        key,
+    ]);
+    let tls = format!("tls:{}", ready["tls"][0].as_str().unwrap());
+    let wss = format!("wss://{}", ready["wss"][0].as_str().unwrap());
+    for trust in [&["--ca", cert][..], &["--insecure"]] {
+        let mut args = vec![tls.as_str(), wss.as_str()];
+        args.extend(trust);
+        let (mut hub, mut lines) = hub(&args);
+        for a in [&tls, &wss] {
+            until(&mut lines, "connected", a);
+        }
+        assert_clean_stop(&mut hub, &mut lines, &[&tls, &wss]);
+    }
+    // Trusting nothing, the dial fails with the reason.
+    let (mut hub, mut lines) = hub(&[&tls, "--no-redial"]);
+    let failed = until(&mut lines, "connecting-failed", &tls);
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("no trust anchors"),
+        "{failed}"
+    );
+    assert!(hub.terminate(), "hub did not stop cleanly");
 }

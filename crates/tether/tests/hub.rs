@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tether::example::{test_app, ChatHub};
 use tether::hub::{
-    ConnectOutcome, Connector, Direction, Hub, HubError, HubEvent, HubOptions, HubState,
-    MaxConnections, MultiAddress, OnePerKey, PeerKey,
+    Cause, ConnectOutcome, Connector, Direction, Heartbeat, Hub, HubError, HubEvent, HubOptions,
+    HubState, JstpConnector, MaxConnections, MultiAddress, OnePerKey, PeerKey, Schedule,
 };
 use tether::{connect_transport, memory, ClientOptions, Connection, Server, Value};
 use tether_wire::Object;
@@ -30,6 +30,16 @@ fn example_server() -> Server {
         .unwrap();
     chat.bind(&server);
     server
+}
+
+/// Upstream's hub (no redial, no liveness check, no session resumption), dialling JSTP.
+fn upstream() -> HubOptions {
+    HubOptions::jstp("testApp").scheduler(Schedule::off())
+}
+
+/// Upstream's hub with `connector`.
+fn off_with(connector: impl Connector) -> HubOptions {
+    HubOptions::with_connector(connector).scheduler(Schedule::off())
 }
 
 /// An address on which nothing listens.
@@ -102,7 +112,11 @@ impl Gate {
 }
 
 impl Connector for Gate {
-    fn connect(&self, address: MultiAddress) -> BoxFuture<'static, Result<Connection, HubError>> {
+    fn connect(
+        &self,
+        address: MultiAddress,
+        _resume: bool,
+    ) -> BoxFuture<'static, Result<Connection, HubError>> {
         self.dials.fetch_add(1, Ordering::SeqCst);
         let server = self.server.clone();
         let release = self.release.clone();
@@ -141,7 +155,7 @@ impl Connector for Gate {
 
 #[tokio::test]
 async fn connect_fails_given_an_unreachable_peer() {
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     let err = dial(&hub, &unreachable_address(), Object::new())
         .await
         .unwrap_err();
@@ -153,7 +167,7 @@ async fn connect_fails_given_an_unreachable_peer() {
 
 #[tokio::test]
 async fn listen_emits_connecting_then_connecting_failed() {
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     let mut events = hub.listen().unwrap();
     let address = unreachable_address();
     let key = PeerKey::parse(KEY).unwrap();
@@ -179,7 +193,7 @@ async fn listen_emits_connecting_then_connecting_failed() {
 async fn update_merges_data_of_an_entry_in_the_hub() {
     let gate = Gate::new(true);
     let release = gate.release.clone();
-    let hub = Hub::new(HubOptions::with_connector(gate));
+    let hub = Hub::new(off_with(gate));
     let address = format!("net:127.0.0.1:1~shs:{KEY}");
     let connecting = {
         let hub = hub.clone();
@@ -221,7 +235,7 @@ async fn update_merges_data_of_an_entry_in_the_hub() {
 
 #[tokio::test]
 async fn live_entries_emit_every_table_change() {
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     let mut live = hub.live_entries().unwrap();
     let address = unreachable_address();
     assert!(dial(&hub, &address, Object::new()).await.is_err());
@@ -246,13 +260,13 @@ async fn live_entries_emit_every_table_change() {
 
 #[tokio::test]
 async fn disconnect_without_a_connection_is_false() {
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     assert!(!hang_up(&hub, "net:127.0.0.1:9").await.unwrap());
 }
 
 #[tokio::test]
 async fn after_close_nothing_works() {
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     let mut events = hub.listen().unwrap();
     close(&hub).await;
     close(&hub).await;
@@ -286,7 +300,7 @@ async fn after_close_nothing_works() {
 
 #[tokio::test]
 async fn invalid_addresses_are_typed_errors() {
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     assert!(matches!(
         dial(&hub, "net:h:1~shs:short", Object::new()).await,
         Err(HubError::Address(_))
@@ -314,7 +328,7 @@ async fn connects_to_real_servers_and_dedupes_by_address() {
     )
     .await
     .unwrap();
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     let mut events = hub.listen().unwrap();
     for address in [format!("net:{addr}"), format!("ws://{ws}")] {
         let ConnectOutcome::Connected(conn) = dial(&hub, &address, Object::new()).await.unwrap()
@@ -347,7 +361,7 @@ async fn concurrent_connects_share_one_dial_and_its_failure() {
     let mut gate = Gate::new(true);
     gate.failing.push("net:10.0.0.1:1".into());
     let (release, dials) = (gate.release.clone(), gate.dials.clone());
-    let hub = Hub::new(HubOptions::with_connector(gate));
+    let hub = Hub::new(off_with(gate));
     let mut events = hub.listen().unwrap();
     let mut watch = hub.listen().unwrap();
     for (address, ok) in [("net:10.0.0.2:1", true), ("net:10.0.0.1:1", false)] {
@@ -389,7 +403,7 @@ async fn concurrent_connects_share_one_dial_and_its_failure() {
 #[tokio::test]
 async fn disconnect_while_connecting_aborts_the_dial() {
     let gate = Gate::new(true);
-    let hub = Hub::new(HubOptions::with_connector(gate));
+    let hub = Hub::new(off_with(gate));
     let mut events = hub.listen().unwrap();
     let address = "net:10.0.0.3:1";
     let connecting = {
@@ -413,7 +427,7 @@ async fn connect_while_disconnecting_runs_after_with_its_data() {
     let mut gate = Gate::new(false);
     let hold = Arc::new(Notify::new());
     gate.hold_disconnect = Some(hold.clone());
-    let hub = Hub::new(HubOptions::with_connector(gate));
+    let hub = Hub::new(off_with(gate));
     let address = "net:10.0.0.4:1";
     dial(&hub, address, Object::new()).await.unwrap();
     let mut events = hub.listen().unwrap();
@@ -450,7 +464,7 @@ async fn connect_while_disconnecting_runs_after_with_its_data() {
 async fn a_failed_disconnect_restores_the_state() {
     let mut gate = Gate::new(false);
     gate.fail_disconnect = true;
-    let hub = Hub::new(HubOptions::with_connector(gate));
+    let hub = Hub::new(off_with(gate));
     let address = "net:10.0.0.5:1";
     dial(&hub, address, Object::new()).await.unwrap();
     let mut events = hub.listen().unwrap();
@@ -475,7 +489,7 @@ async fn a_peer_going_away_is_reported_once() {
     )
     .await
     .unwrap();
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     let address = format!("net:{addr}");
     dial(&hub, &address, Object::new()).await.unwrap();
     let mut events = hub.listen().unwrap();
@@ -492,7 +506,7 @@ async fn a_peer_going_away_is_reported_once() {
 
 #[tokio::test]
 async fn reset_disconnects_everything_once() {
-    let hub = Hub::new(HubOptions::with_connector(Gate::new(false)));
+    let hub = Hub::new(off_with(Gate::new(false)));
     let addresses = ["net:10.0.1.1:1", "net:10.0.1.2:1", "net:10.0.1.3:1"];
     for a in addresses {
         dial(&hub, a, Object::new()).await.unwrap();
@@ -521,9 +535,7 @@ async fn reset_disconnects_everything_once() {
 async fn inbound_connections_match_by_key_and_obey_policies() {
     let gate = Gate::new(true);
     let server = gate.server.clone();
-    let options = HubOptions::with_connector(gate)
-        .policy(OnePerKey)
-        .policy(MaxConnections(2));
+    let options = off_with(gate).policy(OnePerKey).policy(MaxConnections(2));
     let hub = Hub::new(options);
     let key = PeerKey::parse(KEY).unwrap();
     let inbound = || async {
@@ -625,7 +637,7 @@ async fn a_hub_of_200_peers() {
         .unwrap();
         addresses.push(format!("net:{addr}"));
     }
-    let hub = Hub::new(HubOptions::jstp("testApp"));
+    let hub = Hub::new(upstream());
     let mut events = hub.listen().unwrap();
     let dials = addresses.iter().map(|a| hub.connect(a, Object::new()));
     let outcomes = within(
@@ -662,4 +674,327 @@ async fn a_hub_of_200_peers() {
             "{address}"
         );
     }
+}
+
+// ---- the scheduler ---------------------------------------------------------------------
+
+/// A loopback TCP proxy that can stop forwarding without closing anything: the peer behind it
+/// looks frozen (as under SIGSTOP), and thaws when forwarding resumes.
+struct FreezeProxy {
+    addr: std::net::SocketAddr,
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl FreezeProxy {
+    async fn start(target: std::net::SocketAddr) -> FreezeProxy {
+        let listener = within(
+            LIMIT,
+            "the freeze proxy's listener",
+            tokio::net::TcpListener::bind("127.0.0.1:0"),
+        )
+        .await
+        .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(tokio::sync::watch::Sender::new(false));
+        let tx = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (ir, iw) = inbound.into_split();
+                let (or, ow) = outbound.into_split();
+                tokio::spawn(pump(ir, ow, tx.subscribe()));
+                tokio::spawn(pump(or, iw, tx.subscribe()));
+            }
+        });
+        FreezeProxy { addr, frozen }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+/// Copies `r` to `w` while not frozen.
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n,
+            _ = frozen.wait_for(|f| *f) => continue,
+        };
+        match n {
+            Ok(0) | Err(_) => {
+                let _ = w.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Events of `address` until one `pick` accepts; the others are returned in order.
+async fn until(
+    events: &mut broadcast::Receiver<HubEvent>,
+    what: &str,
+    pick: impl Fn(&HubEvent) -> bool,
+) -> (HubEvent, Vec<HubEvent>) {
+    let mut before = Vec::new();
+    within(LIMIT, what, async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if pick(&e) {
+                return (e, before);
+            }
+            before.push(e);
+        }
+    })
+    .await
+}
+
+/// A fast redial for tests: 20 ms doubling to 200 ms, no jitter.
+fn quick_redial() -> tether::reconnect::Backoff {
+    tether::reconnect::Backoff::fixed_range(
+        std::time::Duration::from_millis(20),
+        std::time::Duration::from_millis(200),
+    )
+}
+
+async fn listen_tcp(server: &Server, port: u16) -> std::net::SocketAddr {
+    let url = format!("jstp://127.0.0.1:{port}").parse().unwrap();
+    within(LIMIT, "the TCP listener", server.listen(url))
+        .await
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_peer_that_goes_away_and_comes_back_is_redialled() {
+    let server = example_server();
+    let addr = listen_tcp(&server, 0).await;
+    let schedule = Schedule {
+        redial: Some(Arc::new(quick_redial())),
+        heartbeat: None,
+        resume: false,
+    };
+    let hub = Hub::new(HubOptions::jstp("testApp").scheduler(schedule));
+    let address = format!("net:{addr}");
+    let mut events = hub.listen().unwrap();
+    dial(&hub, &address, Object::new()).await.unwrap();
+    within(LIMIT, "the server's shutdown", server.shutdown()).await;
+    let (gone, _) = until(&mut events, "the peer's disconnected", |e| {
+        e.kind() == "disconnected"
+    })
+    .await;
+    assert!(
+        matches!(&gone, HubEvent::Disconnected { cause: Cause::Closed, address: a, .. } if *a == address),
+        "{gone:?}"
+    );
+    // While it is away, redials fail and are scheduled again, further apart.
+    let (failed, _) = until(&mut events, "a failed redial", |e| {
+        e.kind() == "connecting-failed"
+    })
+    .await;
+    assert_eq!(failed.address(), address);
+    let (again, _) = until(&mut events, "the redial after the failed one", |e| {
+        e.kind() == "redialing"
+    })
+    .await;
+    let HubEvent::Redialing {
+        failures, delay, ..
+    } = again
+    else {
+        unreachable!()
+    };
+    assert!(failures >= 2, "{failures}");
+    assert_eq!(delay, quick_redial().base_delay(failures - 1));
+    // It comes back on the same port: the hub dials it again, by itself.
+    let back = example_server();
+    listen_tcp(&back, addr.port()).await;
+    let (up, _) = until(&mut events, "the peer connected again", |e| {
+        e.kind() == "connected"
+    })
+    .await;
+    let HubEvent::Connected { connection, .. } = up else {
+        unreachable!()
+    };
+    let answer = within(LIMIT, "a call to the peer that came back", async {
+        connection.call("calculator", "answer", vec![]).await
+    });
+    assert_eq!(answer.await.unwrap(), vec![Value::from(42)]);
+    assert_eq!(back.clients().len(), 1);
+    // Disconnecting lets it go: no redial afterwards.
+    assert!(hang_up(&hub, &address).await.unwrap());
+    let (end, _) = until(&mut events, "the requested disconnected", |e| {
+        e.kind() == "disconnected"
+    })
+    .await;
+    assert!(matches!(
+        end,
+        HubEvent::Disconnected {
+            cause: Cause::Requested,
+            ..
+        }
+    ));
+    assert!(kinds(&mut events).is_empty());
+    close(&hub).await;
+}
+
+#[tokio::test]
+async fn a_frozen_peer_is_disconnected_by_the_heartbeat_and_redialled_when_it_thaws() {
+    let server = example_server();
+    let proxy = FreezeProxy::start(listen_tcp(&server, 0).await).await;
+    let ms = std::time::Duration::from_millis;
+    let client = ClientOptions {
+        handshake_timeout: ms(300),
+        ..ClientOptions::default()
+    };
+    // The default: the connection may restore its session; a frozen link is not dropped, so
+    // only the liveness check can tell.
+    let schedule = Schedule {
+        redial: Some(Arc::new(quick_redial())),
+        heartbeat: Some(Heartbeat {
+            interval: ms(50),
+            timeout: ms(300),
+        }),
+        ..Schedule::default()
+    };
+    let connector = JstpConnector::new("testApp", client);
+    let hub = Hub::new(HubOptions::with_connector(connector).scheduler(schedule));
+    let address = format!("net:{}", proxy.addr);
+    let mut events = hub.listen().unwrap();
+    let ConnectOutcome::Connected(first) = dial(&hub, &address, Object::new()).await.unwrap()
+    else {
+        panic!("not connected")
+    };
+    proxy.freeze(true);
+    let (gone, before) = until(&mut events, "the frozen peer's disconnected", |e| {
+        e.kind() == "disconnected"
+    })
+    .await;
+    assert!(
+        matches!(gone, HubEvent::Disconnected { cause: Cause::NoPong(t), .. } if t == ms(300)),
+        "{gone:?}"
+    );
+    let before: Vec<_> = before.iter().map(HubEvent::kind).collect();
+    assert_eq!(
+        before,
+        ["connecting", "connected"],
+        "nothing before the freeze"
+    );
+    within(LIMIT, "the frozen connection to be closed", first.closed()).await;
+    // Still frozen: a redial connects to the proxy but gets no handshake answer.
+    let (failed, _) = until(&mut events, "a redial failing on the frozen peer", |e| {
+        e.kind() == "connecting-failed"
+    })
+    .await;
+    assert!(
+        matches!(
+            &failed,
+            HubEvent::ConnectingFailed {
+                error: HubError::Connect(_),
+                ..
+            }
+        ),
+        "{failed:?}"
+    );
+    proxy.freeze(false);
+    let (up, _) = until(&mut events, "the thawed peer connected again", |e| {
+        e.kind() == "connected"
+    })
+    .await;
+    let HubEvent::Connected { connection, .. } = up else {
+        unreachable!()
+    };
+    assert_ne!(connection.id(), first.id());
+    assert_eq!(hub.get_state(&address).unwrap(), Some(HubState::Connected));
+    close(&hub).await;
+}
+
+#[tokio::test]
+async fn a_link_blip_is_restored_by_the_connection_and_unseen_by_the_hub() {
+    let server = example_server();
+    let proxy = tether::testing::CutProxy::start(listen_tcp(&server, 0).await)
+        .await
+        .unwrap();
+    let ms = std::time::Duration::from_millis;
+    // The hub's defaults, with a quick reconnect in the connection itself.
+    let client = ClientOptions::default()
+        .reconnector(tether::reconnect::Backoff::fixed_range(ms(10), ms(100)));
+    let connector = JstpConnector::new("testApp", client);
+    let hub = Hub::new(HubOptions::with_connector(connector));
+    let address = format!("net:{}", proxy.local_addr());
+    let ConnectOutcome::Connected(conn) = dial(&hub, &address, Object::new()).await.unwrap() else {
+        panic!("not connected")
+    };
+    let mut events = hub.listen().unwrap();
+    let mut conn_events = conn.events();
+    within(LIMIT, "the proxy link", proxy.wait_for_links(1)).await;
+    assert_eq!(proxy.cut(), 1);
+    within(LIMIT, "the connection's restore", async {
+        loop {
+            if let tether::ConnectionEvent::Reconnect { error: None } =
+                conn_events.recv().await.unwrap()
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    let answer = within(LIMIT, "a call after the restore", async {
+        conn.call("calculator", "answer", vec![]).await
+    });
+    assert_eq!(answer.await.unwrap(), vec![Value::from(42)]);
+    let entries = hub.entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1.state, HubState::Connected);
+    assert_eq!(entries[0].1.connection.as_ref().unwrap().id(), conn.id());
+    assert!(kinds(&mut events).is_empty(), "the hub saw the blip");
+    close(&hub).await;
+}
+
+#[tokio::test]
+async fn a_failed_first_dial_is_retried_until_the_schedule_gives_up() {
+    let address = unreachable_address();
+    let gives_up = |_: &str, n: u32| (n < 2).then(|| std::time::Duration::from_millis(10));
+    let hub = Hub::new(HubOptions::jstp("testApp").scheduler(Schedule::off().redial(gives_up)));
+    let mut events = hub.listen().unwrap();
+    assert!(dial(&hub, &address, Object::new()).await.is_err());
+    // Three dials: the first and two redials; then the schedule lets the peer go.
+    let mut seen = Vec::new();
+    within(LIMIT, "three failed dials", async {
+        while seen.iter().filter(|k| **k == "connecting-failed").count() < 3 {
+            seen.push(events.recv().await.unwrap().kind());
+        }
+    })
+    .await;
+    assert_eq!(
+        seen,
+        [
+            "connecting",
+            "connecting-failed",
+            "redialing",
+            "connecting",
+            "connecting-failed",
+            "redialing",
+            "connecting",
+            "connecting-failed"
+        ]
+    );
+    // Let go: nothing to disconnect.
+    assert!(!hang_up(&hub, &address).await.unwrap());
 }

@@ -10,6 +10,12 @@
 //! again, with its data, once the disconnect is done; `disconnected` is reported once per
 //! connection; after [`Hub::close`] every call fails with [`HubError::Closed`].
 //!
+//! The hub also keeps its peers (see [`scheduler`](Scheduler)): an address given to
+//! [`Hub::connect`] is redialled with backoff whenever it is lost, until [`Hub::disconnect`]
+//! ([`HubEvent::Redialing`]); a liveness check moves a frozen peer to disconnected
+//! ([`Cause::NoPong`]); and its connection may restore its own session across a dropped link.
+//! [`Schedule::off`] is upstream's behaviour.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), tether::hub::HubError> {
 //! use tether::hub::{ConnectOutcome, Hub, HubOptions};
@@ -30,8 +36,10 @@
 //! ```
 
 mod address;
+mod scheduler;
 
 pub use address::{Address, AddressError, MultiAddress, PeerKey, Protocol};
+pub use scheduler::{Heartbeat, Redial, Schedule, Scheduler};
 
 use crate::client::{connect_endpoint, ClientOptions};
 use crate::connection::Connection;
@@ -39,7 +47,7 @@ use crate::error::Error;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tether_wire::{Object, Value};
 use thiserror::Error;
 use tokio::sync::broadcast;
@@ -115,6 +123,27 @@ pub struct Entry {
     pub updated: SystemTime,
 }
 
+/// Why a connection left the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// `disconnect`, `reset` or `close` (or a dial aborted by them).
+    Requested,
+    /// The connection ended: the peer closed it, or its link dropped and was not restored.
+    Closed,
+    /// The liveness check: a ping went unanswered for this long.
+    NoPong(Duration),
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Requested => f.write_str("requested"),
+            Cause::Closed => f.write_str("connection closed"),
+            Cause::NoPong(t) => write!(f, "no pong within {t:?}"),
+        }
+    }
+}
+
 /// A transition of one address, reported once by [`Hub::listen`].
 #[derive(Debug, Clone)]
 pub enum HubEvent {
@@ -167,6 +196,20 @@ pub enum HubEvent {
         address: String,
         /// Its key.
         key: Option<PeerKey>,
+        /// Why.
+        cause: Cause,
+    },
+    /// The address was lost (a dial failed or its connection ended) and is dialled again
+    /// after `delay`, by its [`Schedule`].
+    Redialing {
+        /// The address.
+        address: String,
+        /// Its key.
+        key: Option<PeerKey>,
+        /// When the next dial starts.
+        delay: Duration,
+        /// Losses in a row so far (1 for the first).
+        failures: u32,
     },
 }
 
@@ -179,7 +222,8 @@ impl HubEvent {
             | HubEvent::Connected { address, .. }
             | HubEvent::Disconnecting { address, .. }
             | HubEvent::DisconnectingFailed { address, .. }
-            | HubEvent::Disconnected { address, .. } => address,
+            | HubEvent::Disconnected { address, .. }
+            | HubEvent::Redialing { address, .. } => address,
         }
     }
 
@@ -192,6 +236,20 @@ impl HubEvent {
             HubEvent::Disconnecting { .. } => "disconnecting",
             HubEvent::DisconnectingFailed { .. } => "disconnecting-failed",
             HubEvent::Disconnected { .. } => "disconnected",
+            HubEvent::Redialing { .. } => "redialing",
+        }
+    }
+
+    /// The peer key the event is about, if known.
+    pub fn key(&self) -> Option<PeerKey> {
+        match self {
+            HubEvent::Connecting { key, .. }
+            | HubEvent::ConnectingFailed { key, .. }
+            | HubEvent::Connected { key, .. }
+            | HubEvent::Disconnecting { key, .. }
+            | HubEvent::DisconnectingFailed { key, .. }
+            | HubEvent::Disconnected { key, .. }
+            | HubEvent::Redialing { key, .. } => *key,
         }
     }
 }
@@ -209,8 +267,13 @@ pub enum ConnectOutcome {
 
 /// How the hub dials and hangs up.
 pub trait Connector: Send + Sync + 'static {
-    /// Dials `address`.
-    fn connect(&self, address: MultiAddress) -> BoxFuture<'static, Result<Connection, HubError>>;
+    /// Dials `address`; with `resume` the connection should restore its session after a
+    /// dropped link rather than close ([`Schedule::resume`]).
+    fn connect(
+        &self,
+        address: MultiAddress,
+        resume: bool,
+    ) -> BoxFuture<'static, Result<Connection, HubError>>;
     /// Hangs up. The default closes the connection.
     fn disconnect(&self, connection: Connection) -> BoxFuture<'static, Result<(), HubError>> {
         Box::pin(async move {
@@ -221,7 +284,8 @@ pub trait Connector: Send + Sync + 'static {
 }
 
 /// Dials the first alternative tether has a transport for, with the JSTP client and a fixed
-/// application. Reconnecting is left to the hub's owner, so connections do not reconnect.
+/// application. A connection asked to resume uses the options' reconnector; one not asked to
+/// never reconnects.
 #[derive(Clone)]
 pub struct JstpConnector {
     app: String,
@@ -229,20 +293,26 @@ pub struct JstpConnector {
 }
 
 impl JstpConnector {
-    /// Connects to application `app` (`name` or `name@range`) with `options` (reconnecting
-    /// turned off).
+    /// Connects to application `app` (`name` or `name@range`) with `options`.
     pub fn new(app: impl Into<String>, options: ClientOptions) -> Self {
         JstpConnector {
             app: app.into(),
-            options: options.no_reconnect(),
+            options,
         }
     }
 }
 
 impl Connector for JstpConnector {
-    fn connect(&self, address: MultiAddress) -> BoxFuture<'static, Result<Connection, HubError>> {
+    fn connect(
+        &self,
+        address: MultiAddress,
+        resume: bool,
+    ) -> BoxFuture<'static, Result<Connection, HubError>> {
         let app = self.app.clone();
-        let options = self.options.clone();
+        let mut options = self.options.clone();
+        if !resume {
+            options = options.no_reconnect();
+        }
         Box::pin(async move {
             let endpoint = address
                 .endpoint()
@@ -310,6 +380,9 @@ pub struct HubOptions {
     pub policies: Vec<Arc<dyn Policy>>,
     /// Capacity of the event and snapshot channels; slow listeners see `Lagged`. Default 1024.
     pub channel_capacity: usize,
+    /// How each peer is kept (redial, liveness, session resumption). Default
+    /// [`Schedule::default`].
+    pub scheduler: Arc<dyn Scheduler>,
 }
 
 impl HubOptions {
@@ -324,7 +397,14 @@ impl HubOptions {
             connector: Arc::new(connector),
             policies: Vec::new(),
             channel_capacity: 1024,
+            scheduler: Arc::new(Schedule::default()),
         }
+    }
+
+    /// Keeps peers by `scheduler` (a [`Schedule`] for all, or a closure per address).
+    pub fn scheduler(mut self, scheduler: impl Scheduler) -> Self {
+        self.scheduler = Arc::new(scheduler);
+        self
     }
 
     /// Adds a policy.
@@ -343,11 +423,32 @@ struct Slot {
     dial: Option<(Dial, tokio::task::AbortHandle)>,
     /// A `connect` made while disconnecting: run it afterwards with this data.
     reconnect: Option<Object>,
+    /// The liveness check of the connection.
+    heartbeat: Option<Heartbeat>,
+}
+
+/// An address the hub redials when it is lost, until `disconnect`.
+struct Kept {
+    data: Object,
+    schedule: Schedule,
+    /// Losses since the last successful dial.
+    failures: u32,
+    /// The pending redial.
+    timer: Option<tokio::task::AbortHandle>,
+}
+
+impl Kept {
+    fn cancel(&mut self) {
+        if let Some(t) = self.timer.take() {
+            t.abort();
+        }
+    }
 }
 
 struct State {
     closed: bool,
     slots: HashMap<String, Slot>,
+    kept: HashMap<String, Kept>,
     next_generation: u64,
     /// Dropped by `close`, which ends every listener's stream.
     events: Option<broadcast::Sender<HubEvent>>,
@@ -358,6 +459,7 @@ struct Inner {
     state: Mutex<State>,
     connector: Arc<dyn Connector>,
     policies: Vec<Arc<dyn Policy>>,
+    scheduler: Arc<dyn Scheduler>,
 }
 
 /// A hub of connections to many peers. Cloning gives another handle on the same hub.
@@ -399,6 +501,21 @@ impl Inner {
     }
 }
 
+/// Waits until `conn` closes or leaves a ping unanswered for `hb.timeout`.
+async fn liveness(conn: &Connection, hb: Heartbeat) -> Cause {
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return Cause::Closed,
+            _ = tokio::time::sleep(hb.interval) => {}
+        }
+        match tokio::time::timeout(hb.timeout, conn.ping()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) if conn.is_closed() => return Cause::Closed,
+            _ => return Cause::NoPong(hb.timeout),
+        }
+    }
+}
+
 /// Snapshots of the hub's table: the current one first, then one after each change.
 pub struct LiveEntries {
     first: Option<Vec<(String, Entry)>>,
@@ -431,12 +548,14 @@ impl Hub {
                 state: Mutex::new(State {
                     closed: false,
                     slots: HashMap::new(),
+                    kept: HashMap::new(),
                     next_generation: 1,
                     events: Some(broadcast::channel(capacity).0),
                     snapshots: Some(broadcast::channel(capacity).0),
                 }),
                 connector: options.connector,
                 policies: options.policies,
+                scheduler: options.scheduler,
             }),
         }
     }
@@ -451,11 +570,30 @@ impl Hub {
     }
 
     /// Connects to `address` unless it is in the hub already; concurrent calls for one
-    /// address share one dial and its outcome.
+    /// address share one dial and its outcome. From now until [`Hub::disconnect`], the
+    /// address is kept by its [`Schedule`]: redialled whenever it is lost (a failed dial
+    /// included), and a pending redial starts now.
     pub async fn connect(&self, address: &str, data: Object) -> Result<ConnectOutcome, HubError> {
         let parsed: MultiAddress = address.parse()?;
+        let schedule = self.inner.scheduler.schedule(&parsed);
         let dial = {
             let mut state = self.open_state()?;
+            match state.kept.get_mut(address) {
+                Some(kept) => {
+                    kept.cancel();
+                    kept.schedule = schedule.clone();
+                }
+                None if schedule.redial.is_some() => {
+                    let kept = Kept {
+                        data: data.clone(),
+                        schedule: schedule.clone(),
+                        failures: 0,
+                        timer: None,
+                    };
+                    state.kept.insert(address.to_owned(), kept);
+                }
+                None => {}
+            }
             match state.slots.get_mut(address) {
                 Some(slot) => match slot.entry.state {
                     HubState::Connected => {
@@ -471,10 +609,71 @@ impl Hub {
                         return Ok(ConnectOutcome::Deferred);
                     }
                 },
-                None => self.start_dial(&mut state, address, parsed, data)?,
+                None => self.start_dial(&mut state, address, parsed, data, schedule)?,
             }
         };
         dial.await.map(ConnectOutcome::Connected)
+    }
+
+    /// A scheduled redial: dials `address` again unless it was dropped or is in the hub.
+    async fn redial_now(&self, address: &str) {
+        let dial = {
+            let mut state = self.inner.lock();
+            if state.closed || state.slots.contains_key(address) {
+                return;
+            }
+            let Some(kept) = state.kept.get_mut(address) else {
+                return;
+            };
+            kept.timer = None;
+            let (data, schedule) = (kept.data.clone(), kept.schedule.clone());
+            let Ok(parsed) = address.parse::<MultiAddress>() else {
+                return;
+            };
+            match self.start_dial(&mut state, address, parsed, data, schedule) {
+                Ok(dial) => dial,
+                Err(_) => return,
+            }
+        };
+        // The outcome is reported as events (and schedules the next redial on failure).
+        let _ = dial.await;
+    }
+
+    /// `address` was lost (a failed dial or an ended connection): schedules its redial if it
+    /// is kept, or lets it go if its schedule gives up.
+    fn after_loss(&self, state: &mut State, address: &str, key: Option<PeerKey>) {
+        if state.closed {
+            return;
+        }
+        let Some(kept) = state.kept.get_mut(address) else {
+            return;
+        };
+        let failures = kept.failures;
+        kept.failures = failures.saturating_add(1);
+        let delay = kept
+            .schedule
+            .redial
+            .as_ref()
+            .and_then(|r| r.next_redial(address, failures));
+        let Some(delay) = delay else {
+            state.kept.remove(address);
+            return;
+        };
+        let hub = self.clone();
+        let addr = address.to_owned();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            hub.redial_now(&addr).await;
+        });
+        kept.cancel();
+        kept.timer = Some(task.abort_handle());
+        let event = HubEvent::Redialing {
+            address: address.to_owned(),
+            key,
+            delay,
+            failures: failures.saturating_add(1),
+        };
+        self.inner.changed(state, Some(event));
     }
 
     fn start_dial(
@@ -483,6 +682,7 @@ impl Hub {
         address: &str,
         parsed: MultiAddress,
         data: Object,
+        schedule: Schedule,
     ) -> Result<Dial, HubError> {
         let key = parsed.key();
         let entries = snapshot(state);
@@ -495,6 +695,8 @@ impl Hub {
                     error: error.clone(),
                 };
                 self.inner.changed(state, Some(event));
+                // A slot may free up: a kept peer is tried again like after a failed dial.
+                self.after_loss(state, address, key);
                 return Err(error);
             }
         }
@@ -505,8 +707,9 @@ impl Hub {
         // the state changes once, however many callers await it.
         let hub = self.clone();
         let addr = address.to_owned();
+        let resume = schedule.resume;
         let task = tokio::spawn(async move {
-            let result = hub.inner.connector.connect(parsed).await;
+            let result = hub.inner.connector.connect(parsed, resume).await;
             hub.dial_done(&addr, generation, result)
         });
         let abort = task.abort_handle();
@@ -533,6 +736,7 @@ impl Hub {
                 generation,
                 dial: Some((dial.clone(), abort)),
                 reconnect: None,
+                heartbeat: schedule.heartbeat,
             },
         );
         self.inner.changed(
@@ -566,16 +770,19 @@ impl Hub {
         }
         match result {
             Ok(conn) => {
-                let key = {
-                    let slot = state.slots.get_mut(address).expect("checked above");
-                    slot.dial = None;
-                    slot.entry.state = HubState::Connected;
-                    slot.entry.direction = Some(Direction::Outbound);
-                    slot.entry.connection = Some(conn.clone());
-                    slot.entry.updated = SystemTime::now();
-                    slot.entry.key
+                let Some(slot) = state.slots.get_mut(address) else {
+                    return Err(HubError::Aborted);
                 };
-                self.watch_close(address, generation, &conn);
+                slot.dial = None;
+                slot.entry.state = HubState::Connected;
+                slot.entry.direction = Some(Direction::Outbound);
+                slot.entry.connection = Some(conn.clone());
+                slot.entry.updated = SystemTime::now();
+                let (key, heartbeat) = (slot.entry.key, slot.heartbeat);
+                if let Some(kept) = state.kept.get_mut(address) {
+                    kept.failures = 0;
+                }
+                self.watch(address, generation, &conn, heartbeat);
                 self.inner.changed(
                     &state,
                     Some(HubEvent::Connected {
@@ -588,7 +795,9 @@ impl Hub {
                 Ok(conn)
             }
             Err(error) => {
-                let slot = state.slots.remove(address).expect("checked above");
+                let Some(slot) = state.slots.remove(address) else {
+                    return Err(error);
+                };
                 self.inner.changed(
                     &state,
                     Some(HubEvent::ConnectingFailed {
@@ -597,34 +806,61 @@ impl Hub {
                         error: error.clone(),
                     }),
                 );
+                self.after_loss(&mut state, address, slot.entry.key);
                 Err(error)
             }
         }
     }
 
-    /// Removes the entry when its connection closes (the peer went away, or we closed it).
-    fn watch_close(&self, address: &str, generation: u64, conn: &Connection) {
+    /// Removes the entry when its connection closes (the peer went away, or we closed it) or
+    /// fails its liveness check (then closes it), and schedules the redial of a kept peer.
+    fn watch(
+        &self,
+        address: &str,
+        generation: u64,
+        conn: &Connection,
+        heartbeat: Option<Heartbeat>,
+    ) {
         let hub = self.clone();
         let address = address.to_owned();
         let conn = conn.clone();
         tokio::spawn(async move {
-            conn.closed().await;
-            // A disconnect in progress reports the end itself.
-            let mut state = hub.inner.lock();
-            let ours = state.slots.get(&address).is_some_and(|s| {
-                s.generation == generation && s.entry.state == HubState::Connected
-            });
-            if ours {
-                let slot = state.slots.remove(&address).expect("checked above");
-                hub.inner.changed(
-                    &state,
-                    Some(HubEvent::Disconnected {
-                        address,
-                        key: slot.entry.key,
-                    }),
-                );
+            let cause = match heartbeat {
+                None => {
+                    conn.closed().await;
+                    Cause::Closed
+                }
+                Some(hb) => liveness(&conn, hb).await,
+            };
+            if hub.lost(&address, generation, cause) && matches!(cause, Cause::NoPong(_)) {
+                conn.close().await;
             }
         });
+    }
+
+    /// Removes the connected entry of `address` if it is still connection `generation` (a
+    /// disconnect in progress reports the end itself); `false` if it was not.
+    fn lost(&self, address: &str, generation: u64, cause: Cause) -> bool {
+        let mut state = self.inner.lock();
+        let ours = state
+            .slots
+            .get(address)
+            .is_some_and(|s| s.generation == generation && s.entry.state == HubState::Connected);
+        if !ours {
+            return false;
+        }
+        let Some(slot) = state.slots.remove(address) else {
+            return false;
+        };
+        let key = slot.entry.key;
+        let event = HubEvent::Disconnected {
+            address: address.to_owned(),
+            key,
+            cause,
+        };
+        self.inner.changed(&state, Some(event));
+        self.after_loss(&mut state, address, key);
+        true
     }
 
     /// Disconnects `address`: aborts its dial or closes its connection. `Ok(false)` if it was
@@ -637,8 +873,10 @@ impl Hub {
     async fn disconnect_inner(&self, address: &str) -> Result<bool, HubError> {
         let (previous, generation, conn) = {
             let mut state = self.inner.lock();
+            // Asked to go: no more redials.
+            let kept = state.kept.remove(address).map(|mut k| k.cancel()).is_some();
             let Some(slot) = state.slots.get_mut(address) else {
-                return Ok(false);
+                return Ok(kept);
             };
             let previous = slot.entry.state;
             if previous == HubState::Disconnecting {
@@ -694,12 +932,15 @@ impl Hub {
             if !ours {
                 return Ok(true);
             }
-            let slot = state.slots.remove(address).expect("checked above");
+            let Some(slot) = state.slots.remove(address) else {
+                return Ok(true);
+            };
             self.inner.changed(
                 &state,
                 Some(HubEvent::Disconnected {
                     address: address.to_owned(),
                     key: slot.entry.key,
+                    cause: Cause::Requested,
                 }),
             );
             slot.reconnect.filter(|_| !state.closed)
@@ -739,7 +980,13 @@ impl Hub {
     }
 
     async fn reset_inner(&self) {
-        let addresses: Vec<String> = self.inner.lock().slots.keys().cloned().collect();
+        let addresses: Vec<String> = {
+            let mut state = self.inner.lock();
+            for (_, mut kept) in state.kept.drain() {
+                kept.cancel();
+            }
+            state.slots.keys().cloned().collect()
+        };
         let all = addresses.iter().map(|a| self.disconnect_inner(a));
         futures::future::join_all(all).await;
     }
@@ -809,6 +1056,13 @@ impl Hub {
                     Some(HubError::Refused(format!("{target} is already in the hub")))
                 }
                 None => {
+                    let heartbeat = match state.kept.get(&target) {
+                        Some(kept) => kept.schedule.heartbeat,
+                        None => target
+                            .parse::<MultiAddress>()
+                            .ok()
+                            .and_then(|a| self.inner.scheduler.schedule(&a).heartbeat),
+                    };
                     let generation = state.next_generation;
                     state.next_generation += 1;
                     let now = SystemTime::now();
@@ -836,9 +1090,10 @@ impl Hub {
                             generation,
                             dial: None,
                             reconnect: None,
+                            heartbeat,
                         },
                     );
-                    self.watch_close(&target, generation, &connection);
+                    self.watch(&target, generation, &connection, heartbeat);
                     self.inner.changed(
                         &state,
                         Some(HubEvent::Connected {
