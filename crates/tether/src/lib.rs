@@ -58,4 +58,4 @@ pub use error::{Error, RemoteError};
 pub use server::{AuthPolicy, AuthRequest, LoginPolicy, Server, ServerBuilder, ServerEvent};
 pub use tether_wire::{from_value, to_value, Auth, ErrorCode, Value, ValueError};
 pub use transport::{Endpoint, TransportError, TransportKind};
-pub use typed::{TypedBroadcast, TypedConnection, TypedError};
+pub use typed::{TypedBroadcast, TypedConnection, TypedError, TypedProxy};

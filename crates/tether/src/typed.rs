@@ -3,7 +3,8 @@
 //!
 //! The server side is [`Interface::typed_method`](crate::Interface::typed_method) and
 //! [`Interface::on_typed_event`](crate::Interface::on_typed_event); the calling side is the
-//! [`TypedConnection`] extension trait on [`Connection`] and [`TypedBroadcast`] on [`Server`].
+//! [`TypedConnection`] extension trait on [`Connection`], [`TypedProxy`] on [`RemoteProxy`]
+//! and [`TypedBroadcast`] on [`Server`].
 //!
 //! ```
 //! use tether::typed::TypedConnection;
@@ -32,12 +33,13 @@
 //! # }
 //! ```
 
-use crate::connection::Connection;
+use crate::connection::{Connection, RemoteProxy};
 use crate::error::{Error, RemoteError};
 use crate::server::Server;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::future::Future;
+use std::time::Duration;
 use tether_wire::{from_value, to_args, ErrorCode, PathSegment, Value, ValueError};
 
 /// A typed call or event failed: the arguments did not convert, the call itself failed, or
@@ -131,6 +133,15 @@ pub trait TypedConnection {
         args: impl Serialize,
     ) -> impl Future<Output = Result<R, TypedError>> + Send;
 
+    /// Like [`TypedConnection::call_typed`] with this call's own deadline.
+    fn call_typed_timeout<R: DeserializeOwned>(
+        &self,
+        iface: &str,
+        method: &str,
+        args: impl Serialize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<R, TypedError>> + Send;
+
     /// Sends the event `iface.event` with `args` (a tuple, or `()` for none), as
     /// [`Connection::emit`] does (waiting under backpressure).
     fn emit_typed(
@@ -164,6 +175,21 @@ impl TypedConnection for Connection {
         }
     }
 
+    fn call_typed_timeout<R: DeserializeOwned>(
+        &self,
+        iface: &str,
+        method: &str,
+        args: impl Serialize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<R, TypedError>> + Send {
+        let args = to_args(&args);
+        async move {
+            let args = args.map_err(TypedError::Arguments)?;
+            let results = self.call_timeout(iface, method, args, timeout).await?;
+            results_as(results).map_err(TypedError::Result)
+        }
+    }
+
     fn emit_typed(
         &self,
         iface: &str,
@@ -185,6 +211,51 @@ impl TypedConnection for Connection {
     ) -> Result<(), TypedError> {
         let args = to_args(&args).map_err(TypedError::Arguments)?;
         Ok(self.try_emit(iface, event, args)?)
+    }
+}
+
+/// Typed calls and events through a [`RemoteProxy`] (an interface learned by `inspect`).
+pub trait TypedProxy {
+    /// Calls a method of the interface, as [`RemoteProxy::call`] (a name the peer did not
+    /// report fails locally with code 14), and converts the result to `R`.
+    fn call_typed<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Serialize,
+    ) -> impl Future<Output = Result<R, TypedError>> + Send;
+
+    /// Sends an event on this interface, as [`RemoteProxy::emit`].
+    fn emit_typed(
+        &self,
+        event: &str,
+        args: impl Serialize,
+    ) -> impl Future<Output = Result<(), TypedError>> + Send;
+}
+
+impl TypedProxy for RemoteProxy {
+    fn call_typed<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Serialize,
+    ) -> impl Future<Output = Result<R, TypedError>> + Send {
+        let args = to_args(&args);
+        async move {
+            let args = args.map_err(TypedError::Arguments)?;
+            let results = self.call(method, args).await?;
+            results_as(results).map_err(TypedError::Result)
+        }
+    }
+
+    fn emit_typed(
+        &self,
+        event: &str,
+        args: impl Serialize,
+    ) -> impl Future<Output = Result<(), TypedError>> + Send {
+        let args = to_args(&args);
+        async move {
+            let args = args.map_err(TypedError::Arguments)?;
+            Ok(self.emit(event, args).await?)
+        }
     }
 }
 

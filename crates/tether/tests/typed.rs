@@ -7,7 +7,7 @@ mod common;
 use common::{within, LIMIT};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tether::typed::{signature_reason, TypedBroadcast, TypedConnection, TypedError};
+use tether::typed::{signature_reason, TypedBroadcast, TypedConnection, TypedError, TypedProxy};
 use tether::{
     connect_transport, memory, Application, ClientOptions, Connection, ErrorCode, Interface,
     RemoteError, Server, Value,
@@ -141,6 +141,35 @@ async fn typed_method_and_typed_call_carry_rust_values() {
     )
     .await
     .unwrap();
+
+    // Through a proxy learned by inspect, and with a call's own deadline.
+    let shop = within(LIMIT, "the answer to inspect(shop)", conn.inspect("shop"))
+        .await
+        .unwrap();
+    let q: f64 = within(
+        LIMIT,
+        "the answer to shop.divide(9, 4) through a proxy",
+        shop.call_typed("divide", (9, 4)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(q, 2.25);
+    let e = within(
+        LIMIT,
+        "a proxy call of a method the peer did not report",
+        shop.call_typed::<()>("missing", ()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(remote_code(&e), Some(ErrorCode::MethodNotFound.code()));
+    let q: f64 = within(
+        LIMIT,
+        "the answer to shop.divide(1, 4) with its own deadline",
+        conn.call_typed_timeout("shop", "divide", (1, 4), LIMIT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(q, 0.25);
 
     // The method's own errors pass through unchanged.
     let e = within(
@@ -339,10 +368,22 @@ async fn typed_events_reach_typed_handlers_in_order_and_bad_ones_are_skipped() {
     conn.try_emit_typed("shop", "visited", (String::from("cart"), 1u32))
         .unwrap();
     // The first event did not convert, so the handler's first run is the second one.
+    let shop = within(LIMIT, "the answer to inspect(shop)", conn.inspect("shop"))
+        .await
+        .unwrap();
+    within(
+        LIMIT,
+        "room for a visited event through a proxy",
+        shop.emit_typed("visited", ("proxy", 2u32)),
+    )
+    .await
+    .unwrap();
     let first = within(LIMIT, "the first visited event", events.recv()).await;
     assert_eq!(first, Some(("home".to_owned(), 3)));
     let second = within(LIMIT, "the second visited event", events.recv()).await;
     assert_eq!(second, Some(("cart".to_owned(), 1)));
+    let third = within(LIMIT, "the third visited event", events.recv()).await;
+    assert_eq!(third, Some(("proxy".to_owned(), 2)));
 
     // Server to client: a typed broadcast reaches the client application's typed handler.
     let (got, mut received) = mpsc::unbounded_channel();
