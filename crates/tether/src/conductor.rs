@@ -48,7 +48,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{
 };
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 
 pub use tether_wire::conductor::{CellId, Dialect, Value};
@@ -1035,6 +1035,13 @@ impl ConductorServer {
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
                         bad(e.to_string(), true);
+                        if let tungstenite::Error::Capacity(_) = e {
+                            let frame = CloseFrame {
+                                code: CloseCode::Size,
+                                reason: "message too big".into(),
+                            };
+                            let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                        }
                         break;
                     }
                 },

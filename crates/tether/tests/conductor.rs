@@ -466,8 +466,6 @@ async fn undecodable_frames_are_skipped_and_reported() {
 
 /// `max_message_size` documents that a larger message closes the connection with 1009.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "library bug: on tungstenite's Capacity error ConductorServer drops the socket \
-            without the documented 1009 Close frame (conductor.rs serve: Some(Err(e)) => break)"]
 async fn an_oversized_message_closes_with_1009() {
     let server = our_server();
     let addr = within("listen", server.listen("127.0.0.1:0"))
