@@ -27,6 +27,29 @@ pub struct BenchArgs {
     /// How many times to cut the link for the reconnect-and-restore measurement.
     #[arg(long, default_value_t = 100)]
     restores: usize,
+    /// Load an external JSTP server at this URL instead of the in-process cases.
+    #[arg(long, value_name = "URL")]
+    target: Option<String>,
+    /// With --target: the server process's pid, to report its CPU time per call (and with
+    /// --idle, its memory per connection).
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// With --target: connections to load at once (each with --in-flight calls).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// With --target: the application to connect to.
+    #[arg(long, default_value = "testApp")]
+    app: String,
+    /// With --target: the interface and method to call with the payload string.
+    #[arg(long, default_value = "someService.sayHi", value_name = "IFACE.METHOD")]
+    call: String,
+    /// With --target: open this many idle connections and report memory per connection
+    /// instead of loading.
+    #[arg(long, value_name = "N")]
+    idle: Option<usize>,
+    /// Serve the floor responder at this address until stopped (a baseline for --target).
+    #[arg(long, value_name = "ADDR", conflicts_with = "target")]
+    floor: Option<String>,
 }
 
 /// Runs every case and prints one JSON line per case.
@@ -39,6 +62,30 @@ pub async fn run(args: BenchArgs) -> Result<(), Error> {
     let measure = Duration::from_secs_f64(args.duration);
     let warmup = measure / 4;
     let payload = "x".repeat(args.payload);
+    if let Some(addr) = &args.floor {
+        return tokio::task::block_in_place(|| crate::load::run_floor(addr));
+    }
+    if let Some(url) = &args.target {
+        if let Some(count) = args.idle {
+            return crate::load::run_idle(url, &args.app, count, args.server_pid).await;
+        }
+        let (iface, method) = args.call.split_once('.').ok_or_else(|| {
+            Error::InvalidArgument(format!("--call {}: expected IFACE.METHOD", args.call))
+        })?;
+        return crate::load::run_target(crate::load::LoadSpec {
+            url,
+            app: &args.app,
+            iface,
+            method,
+            payload: &payload,
+            connections: args.connections.max(1),
+            in_flight: args.in_flight,
+            warmup,
+            measure,
+            server_pid: args.server_pid,
+        })
+        .await;
+    }
 
     let raw = raw_echo(&args, &payload, warmup, measure).await?;
     report("raw_tcp_echo", &args, raw, None);

@@ -4,6 +4,7 @@
 mod bench;
 mod hub;
 mod json;
+mod load;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -59,7 +60,9 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Measure calls/s over JSTP/TCP and JSTP/WS beside a raw TCP echo, in one process run.
+    /// Measure calls/s over JSTP/TCP and JSTP/WS beside a raw TCP echo, in one process run; or
+    /// load an external server (--target), serve a floor to compare with (--floor), or report
+    /// memory per idle connection (--target --idle N).
     Bench(bench::BenchArgs),
     /// Connect to many peers and print the hub's table and events as JSON lines (or a table).
     Hub(hub::HubArgs),

@@ -478,10 +478,16 @@ where
 /// [`Message::encode`] gives for the same event, so a broadcast serializes its arguments once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedEvent {
+    /// One shared allocation: a clone per receiver costs a reference count.
+    parts: std::sync::Arc<EventParts>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct EventParts {
     /// `,'iface']` — after the id.
-    target: std::sync::Arc<str>,
+    target: String,
     /// `,name:[args]}` (or just `}` for an `undefined` payload).
-    tail: std::sync::Arc<str>,
+    tail: String,
 }
 
 impl PreparedEvent {
@@ -500,8 +506,7 @@ impl PreparedEvent {
         }
         tail.push('}');
         PreparedEvent {
-            target: target.into(),
-            tail: tail.into(),
+            parts: std::sync::Arc::new(EventParts { target, tail }),
         }
     }
 
@@ -510,15 +515,15 @@ impl PreparedEvent {
         let mut out = String::with_capacity(self.len() + 20);
         out.push_str("{event:[");
         out.push_str(itoa(id).as_str());
-        out.push_str(&self.target);
-        out.push_str(&self.tail);
+        out.push_str(&self.parts.target);
+        out.push_str(&self.parts.tail);
         out
     }
 
     /// The text size without the id: a lower bound of [`Self::with_id`]'s length, used to
     /// account for queued events before they have an id.
     pub fn len(&self) -> usize {
-        "{event:[".len() + self.target.len() + self.tail.len()
+        "{event:[".len() + self.parts.target.len() + self.parts.tail.len()
     }
 
     /// Never true: an encoded event is never empty (for clippy's `len` rule).

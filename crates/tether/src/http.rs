@@ -81,14 +81,8 @@ impl From<hyper::Error> for HttpError {
     }
 }
 
-/// Which end a connection is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// We send requests.
-    Client,
-    /// We answer them.
-    Server,
-}
+/// Which end a connection is: the client sends requests, the server answers them.
+pub use tether_wire::Role;
 
 /// HTTP versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

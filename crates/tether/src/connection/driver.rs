@@ -14,7 +14,7 @@
 use super::outbound::{Thresholds, Writer};
 use super::{
     ClientHandshake, ClientReconnect, Command, Connection, ConnectionEvent, HandshakeDecision,
-    Reply, RequestKind, Role, ServerHooks, SessionFate,
+    Reply, RequestCmd, RequestKind, Role, ServerHooks, SessionFate,
 };
 use crate::app::{Application, MethodResult};
 use crate::error::Error;
@@ -25,7 +25,7 @@ use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_wire::session::{RequestKind as SessionKind, Role as SessionRole};
+use tether_wire::session::RequestKind as SessionKind;
 use tether_wire::{
     CallbackResult, ErrorCode, HandshakeResult, Message, PreparedEvent, RemoteErrorArray, Session,
 };
@@ -75,7 +75,9 @@ pub(super) struct Driver {
     hooks: Option<Arc<dyn ServerHooks>>,
     app: Option<Arc<Application>>,
     pending: HashMap<i64, Pending>,
-    deadlines: DelayQueue<i64>,
+    /// Made on the first request with a deadline: an idle connection keeps no timer wheel
+    /// (several KiB).
+    deadlines: Option<DelayQueue<i64>>,
     /// Methods of ours the peer called that have not finished yet.
     calls: FuturesUnordered<Running>,
     /// The session, from the handshake on.
@@ -165,6 +167,15 @@ async fn connected(
     }
 }
 
+async fn next_deadline(
+    deadlines: &mut Option<DelayQueue<i64>>,
+) -> Option<delay_queue::Expired<i64>> {
+    match deadlines {
+        Some(q) if !q.is_empty() => q.next().await,
+        _ => std::future::pending().await,
+    }
+}
+
 async fn write_out(writer: &mut Option<Writer>, session: Option<&Session>) -> Result<(), Stop> {
     match writer {
         Some(w) => std::future::poll_fn(|cx| w.poll_write(cx, session))
@@ -180,8 +191,8 @@ fn heartbeat_interval(every: Duration) -> tokio::time::Interval {
     i
 }
 
-/// Runs a method's future to its first pending point, catching a panic as JSTP's internal
-/// error (16) instead of taking the connection (or the process) down.
+/// A method's future that did not finish at its first poll, catching a panic as JSTP's
+/// internal error (16) instead of taking the connection (or the process) down.
 fn guard(id: i64, fut: BoxFuture<'static, MethodResult>) -> Running {
     std::panic::AssertUnwindSafe(fut)
         .catch_unwind()
@@ -213,7 +224,7 @@ impl Driver {
             hooks,
             app,
             pending: HashMap::new(),
-            deadlines: DelayQueue::new(),
+            deadlines: None,
             calls: FuturesUnordered::new(),
             session: None,
             phase: Phase::Handshake,
@@ -236,10 +247,14 @@ impl Driver {
         }
     }
 
-    fn emit_event(&self, ev: ConnectionEvent) {
-        if self.conn.shared.events.receiver_count() > 0 {
-            let _ = self.conn.shared.events.send(ev);
+    fn forget_deadline(&mut self, key: &delay_queue::Key) {
+        if let Some(q) = self.deadlines.as_mut() {
+            q.remove(key);
         }
+    }
+
+    fn emit_event(&self, ev: ConnectionEvent) {
+        self.conn.notify(ev);
     }
 
     /// Whether messages may be written now: a transport, and no restore in progress.
@@ -361,7 +376,7 @@ impl Driver {
                         r
                     }
                 },
-                Some(expired) = self.deadlines.next(), if !self.deadlines.is_empty() => {
+                Some(expired) = next_deadline(&mut self.deadlines) => {
                     self.on_deadline(expired.into_inner())
                 },
                 _ = tick(&mut self.heartbeat) => self.send_heartbeat_ping(),
@@ -635,7 +650,10 @@ impl Driver {
         }
         self.since_ack = (0, 0);
         let timeout = self.conn.shared.config.call_timeout;
-        let key = self.deadlines.insert(id, timeout);
+        let key = self
+            .deadlines
+            .get_or_insert_with(DelayQueue::new)
+            .insert(id, timeout);
         self.pending.insert(
             id,
             Pending {
@@ -649,11 +667,12 @@ impl Driver {
 
     fn on_command(&mut self, cmd: Command) -> Result<(), Stop> {
         match cmd {
-            Command::Request {
-                kind,
-                timeout,
-                reply,
-            } => {
+            Command::Request(request) => {
+                let RequestCmd {
+                    kind,
+                    timeout,
+                    reply,
+                } = *request;
                 if !self.handshake_done {
                     let _ = reply.send(Err(Error::Protocol("handshake not done".into())));
                     return Ok(());
@@ -681,7 +700,10 @@ impl Driver {
                     let _ = reply.send(Err(e));
                     return Ok(());
                 }
-                let key = self.deadlines.insert(id, timeout);
+                let key = self
+                    .deadlines
+                    .get_or_insert_with(DelayQueue::new)
+                    .insert(id, timeout);
                 self.pending.insert(
                     id,
                     Pending {
@@ -706,8 +728,9 @@ impl Driver {
             }
             Command::Flush(tx) => {
                 let mut n = 0;
+                // Every deadline goes with its request.
+                self.deadlines = None;
                 for (_, p) in self.pending.drain() {
-                    self.deadlines.remove(&p.key);
                     if let PendingKind::Request(reply) = p.kind {
                         let _ = reply.send(Err(Error::Flushed));
                         n += 1;
@@ -716,10 +739,10 @@ impl Driver {
                 let _ = tx.send(n);
                 Ok(())
             }
-            Command::Adopt {
-                transport,
-                peer_received,
-            } => self.adopt(transport, peer_received),
+            Command::Adopt(adopt) => {
+                let (transport, peer_received) = *adopt;
+                self.adopt(transport, peer_received)
+            }
             Command::Close => Ok(()),
         }
     }
@@ -851,7 +874,7 @@ impl Driver {
     fn fail_lost(&mut self, ids: &[i64]) {
         for id in ids {
             if let Some(p) = self.pending.remove(id) {
-                self.deadlines.remove(&p.key);
+                self.forget_deadline(&p.key);
                 if let PendingKind::Request(reply) = p.kind {
                     let _ = reply.send(Err(Error::CallbackLost));
                 }
@@ -955,7 +978,7 @@ impl Driver {
                     self.reject(&text, "callback for an unknown request");
                     return Ok(());
                 };
-                self.deadlines.remove(&p.key);
+                self.forget_deadline(&p.key);
                 let (res, error) = match result {
                     CallbackResult::Ok(values) => (Ok(values), None),
                     CallbackResult::Error(e) => (Err(Error::Remote(e.clone())), Some(e)),
@@ -1009,7 +1032,7 @@ impl Driver {
             Message::Pong { id } => {
                 match self.pending.remove(&id) {
                     Some(p) => {
-                        self.deadlines.remove(&p.key);
+                        self.forget_deadline(&p.key);
                         if let PendingKind::Request(reply) = p.kind {
                             let _ = reply.send(Ok(Vec::new()));
                         }
@@ -1042,7 +1065,7 @@ impl Driver {
             self.write(&Message::Callback { id, result });
             return Ok(());
         };
-        if self.conn.shared.events.receiver_count() > 0 {
+        if self.conn.watched() {
             self.emit_event(ConnectionEvent::Call {
                 iface: iface.clone(),
                 method: method.clone(),
@@ -1062,13 +1085,23 @@ impl Driver {
         };
         match started {
             Err(e) => self.answer(id, Err(e)),
-            Ok(fut) => {
-                let mut running = guard(id, fut);
-                match (&mut running).now_or_never() {
-                    Some((id, result)) => self.answer(id, result),
-                    None => {
-                        self.calls.push(running);
+            Ok(mut fut) => {
+                // First poll here, without a waker: most methods finish at once and need no
+                // more (no task, no second allocation). One that waits is polled again from
+                // `calls`, which registers the real waker.
+                let waker = futures::task::noop_waker_ref();
+                let mut cx = std::task::Context::from_waker(waker);
+                let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    fut.as_mut().poll(&mut cx)
+                }));
+                match first {
+                    Ok(std::task::Poll::Ready(result)) => self.answer(id, result),
+                    Ok(std::task::Poll::Pending) => {
+                        self.calls.push(guard(id, fut));
                         Ok(())
+                    }
+                    Err(_) => {
+                        self.answer(id, Err(RemoteErrorArray::code(ErrorCode::InternalApiError)))
                     }
                 }
             }
@@ -1089,7 +1122,7 @@ impl Driver {
             Ok(HandshakeDecision::New(accepted)) => {
                 let mut session = Session::new(
                     accepted.session_id.clone(),
-                    SessionRole::Server,
+                    Role::Server,
                     self.conn.shared.config.session,
                 );
                 session.set_username(accepted.username.clone());
@@ -1154,16 +1187,13 @@ impl Driver {
                     outgoing: writer.into_sink(),
                     info,
                 };
-                let cmd = Command::Adopt {
-                    transport,
-                    peer_received,
-                };
+                let cmd = Command::Adopt(Box::new((transport, peer_received)));
                 match target.shared.cmd_tx.send(cmd) {
                     Ok(()) => Err(Stop::HandedOver),
                     Err(mpsc::error::SendError(cmd)) => {
                         // The session's connection ended meanwhile: the session is unknown.
-                        if let Command::Adopt { transport, .. } = cmd {
-                            self.attach(transport);
+                        if let Command::Adopt(adopt) = cmd {
+                            self.attach(adopt.0);
                         }
                         self.write(&Session::unknown_session_response());
                         Err(Stop::Graceful)
@@ -1233,7 +1263,7 @@ impl Driver {
         }
         self.session = Some(Session::new(
             session_id.clone().unwrap_or_default(),
-            SessionRole::Client,
+            Role::Client,
             self.conn.shared.config.session,
         ));
         if session_id.is_none() {
@@ -1349,15 +1379,15 @@ impl Driver {
         }
         while let Ok(cmd) = self.cmd_rx.try_recv() {
             match cmd {
-                Command::Request { reply, .. } => {
-                    let _ = reply.send(Err(Error::Closed));
+                Command::Request(request) => {
+                    let _ = request.reply.send(Err(Error::Closed));
                 }
                 Command::Flush(tx) => {
                     let _ = tx.send(0);
                 }
                 Command::Emit { len, .. } => self.conn.shared.flow.taken(len),
                 // Too late to restore here; dropping the transport ends it too.
-                Command::Adopt { .. } => {}
+                Command::Adopt(_) => {}
                 _ => {}
             }
         }

@@ -51,14 +51,9 @@ pub(crate) mod outbound;
 use driver::Driver;
 use outbound::Flow;
 
-/// Which end of the protocol a connection plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Sent the handshake; ids count up from 1.
-    Client,
-    /// Answered the handshake; ids count down from −1.
-    Server,
-}
+/// Which end of the protocol a connection plays (one type across tether: sessions,
+/// connections and HTTP streams).
+pub use tether_wire::Role;
 
 /// Per-connection settings. Defaults follow `@metarhia/jstp` where it has one.
 ///
@@ -212,7 +207,9 @@ pub(crate) struct Shared {
     cmd_tx: mpsc::UnboundedSender<Command>,
     /// What the connection holds for its peer; bounds `cmd_tx`'s events.
     flow: Flow,
-    events: broadcast::Sender<ConnectionEvent>,
+    /// Made on the first [`Connection::events`] call: a connection nobody watches keeps no
+    /// event slots (they would cost most of an idle connection's memory).
+    events: std::sync::OnceLock<broadcast::Sender<ConnectionEvent>>,
     closed_rx: watch::Receiver<bool>,
     identity: Mutex<Identity>,
     remote_proxies: Mutex<HashMap<String, Vec<String>>>,
@@ -259,12 +256,16 @@ enum RequestKind {
     Ping,
 }
 
+/// A request for the driver to send (boxed in [`Command`] to keep every queued command, and
+/// the channel's preallocated block, small).
+struct RequestCmd {
+    kind: RequestKind,
+    timeout: Duration,
+    reply: Reply,
+}
+
 enum Command {
-    Request {
-        kind: RequestKind,
-        timeout: Duration,
-        reply: Reply,
-    },
+    Request(Box<RequestCmd>),
     /// An event admitted by [`Flow::admit`] (`len` bytes accounted).
     Emit {
         event: PreparedEvent,
@@ -275,10 +276,7 @@ enum Command {
     Heartbeat(Option<Duration>),
     Flush(oneshot::Sender<usize>),
     /// Server: a new transport restores this connection's session.
-    Adopt {
-        transport: Transport,
-        peer_received: u64,
-    },
+    Adopt(Box<(Transport, u64)>),
     Close,
 }
 
@@ -362,7 +360,11 @@ impl Connection {
 
     /// Subscribes to this connection's events from now on.
     pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
-        self.shared.events.subscribe()
+        let capacity = self.shared.config.event_capacity.max(1);
+        self.shared
+            .events
+            .get_or_init(|| broadcast::channel(capacity).0)
+            .subscribe()
     }
 
     /// Interfaces inspected so far, with their method names.
@@ -380,11 +382,11 @@ impl Connection {
 
     async fn request(&self, kind: RequestKind, timeout: Duration) -> Result<Vec<Value>, Error> {
         let (reply, rx) = oneshot::channel();
-        self.send_cmd(Command::Request {
+        self.send_cmd(Command::Request(Box::new(RequestCmd {
             kind,
             timeout,
             reply,
-        })
+        })))
         .await?;
         rx.await.unwrap_or(Err(Error::Closed))
     }
@@ -457,6 +459,23 @@ impl Connection {
     }
 
     /// Queues an event encoded once for many connections (see [`Connection::try_emit`]).
+    /// Whether anyone watches this connection's events.
+    pub(crate) fn watched(&self) -> bool {
+        self.shared
+            .events
+            .get()
+            .is_some_and(|e| e.receiver_count() > 0)
+    }
+
+    /// Sends a connection event to whoever watches.
+    pub(crate) fn notify(&self, ev: ConnectionEvent) {
+        if let Some(e) = self.shared.events.get() {
+            if e.receiver_count() > 0 {
+                let _ = e.send(ev);
+            }
+        }
+    }
+
     pub(crate) fn emit_prepared(&self, event: PreparedEvent) -> Result<(), Error> {
         if self.is_closed() {
             return Err(Error::Closed);
@@ -723,7 +742,7 @@ pub(crate) struct ClientReconnect {
 fn new_shared(role: Role, config: ConnectionConfig, info: TransportInfo) -> (Connection, Channels) {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let flow = Flow::new(&config.session);
-    let (events, _) = broadcast::channel(config.event_capacity.max(1));
+    let events = std::sync::OnceLock::new();
     let (closed_tx, closed_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),

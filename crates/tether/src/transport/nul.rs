@@ -145,16 +145,43 @@ where
     R: AsyncRead + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let incoming =
-        FramedRead::with_capacity(read, NulCodec::new(max_message_size), READ_BUFFER_SIZE);
+    let incoming = NulIncoming {
+        inner: FramedRead::with_capacity(Box::pin(read), NulCodec::new(max_message_size), 0),
+    };
+    let mut inner = FramedWrite::new(write, NulCodec::new(max_message_size));
+    // Allocated on the first write, not up front: idle connections keep no write buffer.
+    *inner.write_buffer_mut() = BytesMut::new();
     let outgoing = NulSink {
-        inner: FramedWrite::new(write, NulCodec::new(max_message_size)),
+        inner,
         grown: false,
     };
     Transport {
         incoming: Box::pin(incoming),
         outgoing: Box::pin(outgoing),
         info,
+    }
+}
+
+/// [`FramedRead`] whose socket buffer exists only while bytes are being read: it is made
+/// ([`READ_BUFFER_SIZE`]) when a read starts and released when the socket has nothing more, so
+/// an idle connection holds no read buffer.
+struct NulIncoming<R> {
+    inner: FramedRead<Pin<Box<R>>, NulCodec>,
+}
+
+impl<R: AsyncRead> futures::Stream for NulIncoming<R> {
+    type Item = Result<String, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let inner = &mut self.inner;
+        if inner.read_buffer().capacity() == 0 {
+            inner.read_buffer_mut().reserve(READ_BUFFER_SIZE);
+        }
+        let next = Pin::new(&mut *inner).poll_next(cx);
+        if next.is_pending() && inner.read_buffer().is_empty() {
+            *inner.read_buffer_mut() = BytesMut::new();
+        }
+        next
     }
 }
 

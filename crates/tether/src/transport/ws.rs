@@ -37,8 +37,10 @@ pub const DEFAULT_FRAGMENT_SIZE: usize = 16 * 1024;
 /// Largest allowed fragment payload: Node's `websocket` client refuses frames of 1 MiB and more.
 pub const MAX_FRAGMENT_SIZE: usize = 1024 * 1024 - 1;
 
-/// Socket read buffer of a WebSocket transport.
-const WS_READ_BUFFER: usize = 8 * 1024;
+/// Socket read buffer of a WebSocket transport, allocated with the connection (tungstenite keeps
+/// it for the connection's life): small, so an idle connection stays cheap; a large message
+/// grows it while it is read.
+const WS_READ_BUFFER: usize = 4 * 1024;
 /// Outgoing bytes buffered before tungstenite writes to the socket (flush writes earlier).
 const WS_WRITE_BUFFER: usize = 64 * 1024;
 
