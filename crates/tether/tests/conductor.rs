@@ -816,6 +816,19 @@ async fn an_app_interface_requires_authentication_first() {
         Value::from(42)
     );
     assert_eq!(server.clients().len(), 1);
+    // The same through `send`, as spartan's `send("authenticate", {token})` does.
+    let raw = ConductorConnection::new(addr.as_str(), ConductorOptions::default()).unwrap();
+    within("open", raw.open(None)).await.unwrap();
+    let token = map(&[("token", Value::Array(vec![1.into(), 2.into(), 3.into()]))]);
+    let auth = raw.send(tether::conductor::MessageKind::Authenticate, token, None);
+    within("send authenticate", auth).await.unwrap();
+    assert_eq!(
+        within("answer", raw.request("answer", Value::Nil, None))
+            .await
+            .unwrap(),
+        Value::from(42)
+    );
+    assert_eq!(server.clients().len(), 2);
 }
 
 /// With allowed origins set, a handshake without an `Origin` header or with another origin is

@@ -1,0 +1,90 @@
+//! Holochain conductor connections: MessagePack request/response/signal envelopes over
+//! WebSocket binary messages (see [`tether_wire::conductor`] and `docs/conductor-wire.md`),
+//! as Holochain conductors (0.1 to 0.7) and the npm clients `@whi/holochain-websocket`,
+//! `@spartan-hc/holochain-websocket` and `@holochain/client` speak them.
+//!
+//! Payloads come in two [`Dialect`]s: `{type, value}` (Holochain 0.5+, the default) and
+//! `{type, data}` (0.1–0.4). The client speaks the one in [`ConductorOptions::dialect`]; the
+//! server answers each request in the dialect it was asked in.
+//!
+//! [`ConductorConnection`] is the client (the npm `Connection` class in Rust form);
+//! [`ConductorServer`] routes requests to async handlers by method name and pushes signals.
+//!
+//! ```
+//! use tether::conductor::{ConductorConnection, ConductorOptions, ConductorServer, Value};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tether::conductor::ConductorError> {
+//! let server = ConductorServer::builder()
+//!     .handler("answer", |_args| async { Ok(Value::from(42)) })
+//!     .build();
+//! let addr = server.listen("127.0.0.1:0").await?;
+//! let conn = ConductorConnection::new(addr.as_str(), ConductorOptions::default())?;
+//! conn.open(None).await?;
+//! assert_eq!(conn.request("answer", Value::Nil, None).await?, Value::from(42));
+//! assert_eq!(conn.close(None).await?, 1000);
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod server;
+
+pub use client::{AppSignal, ConductorAddress, ConductorConnection, ConductorOptions, MessageKind};
+pub use server::{
+    example_cell_id, ConductorServer, ConductorServerBuilder, ConductorServerEvent,
+    AUTHENTICATION_TIMEOUT,
+};
+pub use tether_wire::conductor::{CellId, Dialect, Value};
+
+use std::time::Duration;
+use tether_wire::conductor::WireError;
+use thiserror::Error;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// What can go wrong on a conductor connection.
+#[derive(Debug, Clone, Error)]
+pub enum ConductorError {
+    /// The address is not a port, `host:port` or a `ws://`/`wss://` URL.
+    #[error("invalid address: {0}")]
+    InvalidAddress(String),
+    /// An operation did not finish in time.
+    #[error("timed out after {after:?} waiting to {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// The deadline.
+        after: Duration,
+    },
+    /// Connecting (TCP, TLS or the WebSocket handshake) failed.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The connection is closed.
+    #[error("connection closed")]
+    Closed,
+    /// The request was failed by [`ConductorConnection::flush`].
+    #[error("request failed by flush")]
+    Flushed,
+    /// The peer answered with an error payload (`{type:"error",value:{type,value}}`, or `data`).
+    #[error("{kind}: {message}")]
+    Remote {
+        /// The error kind (`internal_error`, `deserialization`, `ribosome_error`, …).
+        kind: String,
+        /// The message.
+        message: String,
+    },
+    /// The peer cancelled the request (a response without data).
+    #[error("request cancelled by the peer")]
+    Cancelled,
+    /// The peer sent something that is not a valid envelope.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A WebSocket or socket error.
+    #[error("websocket: {0}")]
+    WebSocket(String),
+}
+
+fn ws_config(max: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}

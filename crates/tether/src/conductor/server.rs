@@ -1,0 +1,488 @@
+//! The server: [`ConductorServer`] routes requests to handlers by method name, answers in
+//! each request's dialect, and can act as an app interface (tokens, origins).
+
+use super::{ws_config, CellId, ConductorError, Dialect, Value};
+use futures::future::BoxFuture;
+use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tether_wire::conductor::{authenticate_token, to_bytes, Envelope, Payload, WireMessage};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request as HandshakeRequest, Response as HandshakeResponse,
+};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+
+type Handler =
+    Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, (String, String)>> + Send + Sync>;
+
+/// The cell of [`ConductorServer`]'s app signals unless [`ConductorServerBuilder::cell_id`] says
+/// otherwise: valid 39-byte hashes (prefix, 32 bytes of `d1`/`a1`, DHT location), which clients
+/// that check hashes (`@spartan-hc/holo-hash`) accept.
+pub fn example_cell_id() -> CellId {
+    let hash = |prefix: [u8; 3], fill: u8, loc: [u8; 4]| {
+        let mut h = prefix.to_vec();
+        h.extend([fill; 32]);
+        h.extend(loc);
+        h
+    };
+    CellId {
+        dna_hash: hash([0x84, 0x2d, 0x24], 0xd1, [0x95, 0x23, 0x47, 0x82]),
+        agent_pub_key: hash([0x84, 0x20, 0x24], 0xa1, [0xd4, 0x3b, 0xe3, 0x31]),
+    }
+}
+
+/// How long an app interface waits for `authenticate`, as the conductor does.
+pub const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a [`ConductorServer`].
+pub struct ConductorServerBuilder {
+    handlers: HashMap<String, Handler>,
+    max_message_size: Option<usize>,
+    dialect: Dialect,
+    tokens: Option<Vec<Vec<u8>>>,
+    authentication_timeout: Duration,
+    allowed_origins: Option<Vec<String>>,
+    cell_id: CellId,
+}
+
+impl Default for ConductorServerBuilder {
+    fn default() -> Self {
+        ConductorServerBuilder {
+            handlers: HashMap::new(),
+            max_message_size: None,
+            dialect: Dialect::Value,
+            tokens: None,
+            authentication_timeout: AUTHENTICATION_TIMEOUT,
+            allowed_origins: None,
+            cell_id: example_cell_id(),
+        }
+    }
+}
+
+impl ConductorServerBuilder {
+    /// Routes requests of type `method` to `f`, which gets the request's content and returns the
+    /// response content or `(error kind, message)`.
+    pub fn handler<F, Fut>(mut self, method: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, (String, String)>> + Send + 'static,
+    {
+        self.handlers
+            .insert(method.into(), Arc::new(move |v| Box::pin(f(v))));
+        self
+    }
+
+    /// Largest message accepted (default 16 MiB); a larger one closes that connection (1009).
+    pub fn max_message_size(mut self, max: usize) -> Self {
+        self.max_message_size = Some(max);
+        self
+    }
+
+    /// The dialect of signals (and errors) sent to a client before it has shown its own in a
+    /// request. Default [`Dialect::Value`].
+    pub fn dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// Makes this an app interface: the first message must be `authenticate` with one of
+    /// `tokens`, within [`AUTHENTICATION_TIMEOUT`]; otherwise the connection is closed.
+    pub fn tokens(mut self, tokens: impl IntoIterator<Item = Vec<u8>>) -> Self {
+        self.tokens = Some(tokens.into_iter().collect());
+        self
+    }
+
+    /// How long to wait for `authenticate` when tokens are required.
+    pub fn authentication_timeout(mut self, after: Duration) -> Self {
+        self.authentication_timeout = after;
+        self
+    }
+
+    /// Accepts only WebSocket handshakes whose `Origin` is one of `origins` (`"*"`: any origin,
+    /// but one is required, as on a conductor); others get HTTP 400. By default any origin, and
+    /// none, is accepted (the older npm clients send none).
+    pub fn allowed_origins(mut self, origins: impl IntoIterator<Item = String>) -> Self {
+        self.allowed_origins = Some(origins.into_iter().collect());
+        self
+    }
+
+    /// The cell named in app signals. Default [`example_cell_id`].
+    pub fn cell_id(mut self, cell_id: CellId) -> Self {
+        self.cell_id = cell_id;
+        self
+    }
+
+    /// Builds the server.
+    pub fn build(self) -> ConductorServer {
+        ConductorServer {
+            inner: Arc::new(ServerInner {
+                handlers: self.handlers,
+                max_message_size: self.max_message_size.unwrap_or(16 << 20),
+                dialect: self.dialect,
+                tokens: self.tokens,
+                authentication_timeout: self.authentication_timeout,
+                allowed_origins: self.allowed_origins,
+                cell_id: self.cell_id,
+                clients: Mutex::new(HashMap::new()),
+                next_client: AtomicU64::new(1),
+                events: broadcast::channel(1024).0,
+            }),
+        }
+    }
+}
+
+/// What happens on a [`ConductorServer`].
+#[derive(Debug, Clone)]
+pub enum ConductorServerEvent {
+    /// A client connected (and authenticated, when the interface requires it).
+    Connected(u64),
+    /// A client sent something invalid; the connection was closed (`closed`) or the message
+    /// skipped, as a conductor skips a frame it cannot decode.
+    BadInput {
+        /// The client.
+        client: u64,
+        /// What was wrong.
+        error: String,
+        /// Whether the connection was closed for it.
+        closed: bool,
+    },
+    /// A client went away.
+    Disconnected(u64),
+}
+
+struct ClientSlot {
+    tx: mpsc::Sender<WsMessage>,
+    /// The dialect of the client's latest request that showed one (signals follow it).
+    dialect: Arc<Mutex<Dialect>>,
+}
+
+struct ServerInner {
+    handlers: HashMap<String, Handler>,
+    max_message_size: usize,
+    dialect: Dialect,
+    tokens: Option<Vec<Vec<u8>>>,
+    authentication_timeout: Duration,
+    allowed_origins: Option<Vec<String>>,
+    cell_id: CellId,
+    clients: Mutex<HashMap<u64, ClientSlot>>,
+    next_client: AtomicU64,
+    events: broadcast::Sender<ConductorServerEvent>,
+}
+
+/// A conductor-style WebSocket server.
+#[derive(Clone)]
+pub struct ConductorServer {
+    inner: Arc<ServerInner>,
+}
+
+impl std::fmt::Debug for ConductorServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConductorServer").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn signal_message(data: Vec<u8>) -> WsMessage {
+    WsMessage::binary(WireMessage::Signal { data }.encode())
+}
+
+impl ConductorServer {
+    /// Starts building a server.
+    pub fn builder() -> ConductorServerBuilder {
+        ConductorServerBuilder::default()
+    }
+
+    /// Server events from now on.
+    pub fn events(&self) -> broadcast::Receiver<ConductorServerEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Listens on `addr` (`host:port`); returns the bound address.
+    pub async fn listen(&self, addr: &str) -> Result<String, ConductorError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ConductorError::Connect(format!("{addr}: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| ConductorError::Connect(e.to_string()))?
+            .to_string();
+        let server = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move { server.serve(stream).await });
+            }
+        });
+        Ok(local)
+    }
+
+    /// Clients connected (and authenticated, where required) now.
+    pub fn clients(&self) -> Vec<u64> {
+        lock(&self.inner.clients).keys().copied().collect()
+    }
+
+    /// Sends a signal with `payload` as is to one client; `false` if it is gone or its queue is
+    /// full.
+    pub fn signal(&self, client: u64, payload: &Value) -> bool {
+        let msg = signal_message(to_bytes(payload));
+        lock(&self.inner.clients)
+            .get(&client)
+            .is_some_and(|c| c.tx.try_send(msg).is_ok())
+    }
+
+    /// Sends a signal with `payload` as is to every client; returns how many got it.
+    pub fn broadcast_signal(&self, payload: &Value) -> usize {
+        let msg = signal_message(to_bytes(payload));
+        lock(&self.inner.clients)
+            .values()
+            .filter(|c| c.tx.try_send(msg.clone()).is_ok())
+            .count()
+    }
+
+    /// Sends an app signal from `zome_name` (on the server's cell) to one client, in its dialect.
+    pub fn app_signal(&self, client: u64, zome_name: &str, signal: &Value) -> bool {
+        let clients = lock(&self.inner.clients);
+        clients.get(&client).is_some_and(|c| {
+            let dialect = *lock(&c.dialect);
+            let data = dialect.app_signal(&self.inner.cell_id, zome_name, signal);
+            c.tx.try_send(signal_message(data)).is_ok()
+        })
+    }
+
+    /// Sends an app signal to every client, each in its dialect; returns how many got it.
+    pub fn broadcast_app_signal(&self, zome_name: &str, signal: &Value) -> usize {
+        let mut encoded: HashMap<Dialect, WsMessage> = HashMap::new();
+        let clients = lock(&self.inner.clients);
+        clients
+            .values()
+            .filter(|c| {
+                let dialect = *lock(&c.dialect);
+                let msg = encoded.entry(dialect).or_insert_with(|| {
+                    signal_message(dialect.app_signal(&self.inner.cell_id, zome_name, signal))
+                });
+                c.tx.try_send(msg.clone()).is_ok()
+            })
+            .count()
+    }
+
+    async fn serve(&self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let config = ws_config(self.inner.max_message_size);
+        let check = OriginCheck(self.inner.allowed_origins.as_deref());
+        let Ok(ws) =
+            tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
+        else {
+            return;
+        };
+        let id = self.inner.next_client.fetch_add(1, Ordering::Relaxed);
+        let (mut sink, mut incoming) = ws.split();
+        let bad = |error: String, closed: bool| {
+            let _ = self.inner.events.send(ConductorServerEvent::BadInput {
+                client: id,
+                error,
+                closed,
+            });
+        };
+        if let Some(tokens) = &self.inner.tokens {
+            let first = tokio::time::timeout(self.inner.authentication_timeout, async {
+                loop {
+                    match incoming.next().await {
+                        Some(Ok(WsMessage::Binary(b))) => return Ok(b.to_vec()),
+                        Some(Ok(WsMessage::Text(t))) => return Ok(t.as_bytes().to_vec()),
+                        Some(Ok(WsMessage::Close(_))) | None => return Err(None),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(Some(e.to_string())),
+                    }
+                }
+            })
+            .await;
+            let refused = match first {
+                Err(_) => Some(format!(
+                    "no authenticate within {:?}",
+                    self.inner.authentication_timeout
+                )),
+                Ok(Err(None)) => return,
+                Ok(Err(Some(e))) => Some(e),
+                Ok(Ok(bytes)) => match Envelope::decode(&bytes) {
+                    Ok(Envelope::Authenticate { data }) => match authenticate_token(&data) {
+                        Ok(token) if tokens.contains(&token) => None,
+                        Ok(_) => Some("invalid token".into()),
+                        Err(e) => Some(e.to_string()),
+                    },
+                    Ok(Envelope::Message(m)) => {
+                        Some(format!("{} before authenticate", kind_of(&m)))
+                    }
+                    Err(e) => Some(e.to_string()),
+                },
+            };
+            if let Some(error) = refused {
+                // A conductor drops the connection; a Close frame tells the client why.
+                bad(error, true);
+                let frame = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "not authenticated".into(),
+                };
+                let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                return;
+            }
+        }
+        let (tx, mut outgoing) = mpsc::channel::<WsMessage>(1024);
+        let dialect = Arc::new(Mutex::new(self.inner.dialect));
+        lock(&self.inner.clients).insert(
+            id,
+            ClientSlot {
+                tx: tx.clone(),
+                dialect: dialect.clone(),
+            },
+        );
+        let _ = self.inner.events.send(ConductorServerEvent::Connected(id));
+        loop {
+            let bytes = tokio::select! {
+                Some(msg) = outgoing.recv() => {
+                    if sink.send(msg).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                msg = incoming.next() => match msg {
+                    Some(Ok(WsMessage::Binary(bytes))) => bytes.to_vec(),
+                    // A conductor reads a text frame's bytes as MessagePack too.
+                    Some(Ok(WsMessage::Text(text))) => text.as_bytes().to_vec(),
+                    Some(Ok(WsMessage::Close(_))) | None => {
+                        let _ = sink.close().await;
+                        break;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        bad(e.to_string(), true);
+                        if let tungstenite::Error::Capacity(_) = e {
+                            let frame = CloseFrame {
+                                code: CloseCode::Size,
+                                reason: "message too big".into(),
+                            };
+                            let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                        }
+                        break;
+                    }
+                },
+            };
+            match Envelope::decode(&bytes) {
+                Ok(Envelope::Message(WireMessage::Request { id: rid, data })) => {
+                    self.dispatch(rid, data, &dialect, tx.clone())
+                }
+                // Only the first message may authenticate; later ones (or any on an interface
+                // without tokens, like an admin interface) are ignored.
+                Ok(Envelope::Authenticate { .. }) => {}
+                Ok(Envelope::Message(other)) => bad(
+                    format!("unexpected {} from a client", kind_of(&other)),
+                    false,
+                ),
+                // As a conductor: skip what does not decode, keep the connection.
+                Err(e) => bad(e.to_string(), false),
+            }
+        }
+        lock(&self.inner.clients).remove(&id);
+        let _ = self
+            .inner
+            .events
+            .send(ConductorServerEvent::Disconnected(id));
+    }
+
+    fn dispatch(
+        &self,
+        rid: u64,
+        data: Vec<u8>,
+        client_dialect: &Mutex<Dialect>,
+        tx: mpsc::Sender<WsMessage>,
+    ) {
+        let respond = move |payload: Vec<u8>| {
+            let msg = WireMessage::Response {
+                id: rid,
+                data: Some(payload),
+            };
+            WsMessage::binary(msg.encode())
+        };
+        let request = Payload::decode(&data);
+        // Answer in the dialect asked in; a unit request (`{type}` alone) shows none.
+        let dialect = {
+            let mut current = lock(client_dialect);
+            if let Some(d) = request.as_ref().ok().and_then(|p| p.dialect) {
+                *current = d;
+            }
+            *current
+        };
+        let Payload {
+            kind: method,
+            content: args,
+            ..
+        } = match request {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("Failed to deserialize request: {e}");
+                let _ = tx.try_send(respond(dialect.error("deserialization", &message)));
+                return;
+            }
+        };
+        let Some(handler) = self.inner.handlers.get(&method).cloned() else {
+            // As the conductor: a request it cannot deserialize into a known method.
+            let message = format!("unknown request type '{method}'");
+            let _ = tx.try_send(respond(dialect.error("deserialization", &message)));
+            return;
+        };
+        tokio::spawn(async move {
+            let payload = match tokio::spawn(handler(args)).await {
+                Ok(Ok(value)) => dialect.payload(&method, value),
+                Ok(Err((kind, message))) => dialect.error(&kind, &message),
+                Err(_) => dialect.error("internal_error", "handler panicked"),
+            };
+            let _ = tx.send(respond(payload)).await;
+        });
+    }
+}
+
+/// The handshake's `Origin` check: with allowed origins set, one must be sent and listed (`"*"`
+/// lists all); refusals are HTTP 400, as on a conductor.
+struct OriginCheck<'a>(Option<&'a [String]>);
+
+impl Callback for OriginCheck<'_> {
+    fn on_request(
+        self,
+        request: &HandshakeRequest,
+        response: HandshakeResponse,
+    ) -> Result<HandshakeResponse, ErrorResponse> {
+        let Some(allowed) = self.0 else {
+            return Ok(response);
+        };
+        let why = match request.headers().get(http::header::ORIGIN) {
+            None => "Missing `Origin` header",
+            Some(origin) => {
+                let origin = origin.to_str().unwrap_or_default();
+                if allowed.iter().any(|a| a == "*" || a == origin) {
+                    return Ok(response);
+                }
+                "Origin not allowed"
+            }
+        };
+        let mut refusal = ErrorResponse::new(Some(why.to_owned()));
+        *refusal.status_mut() = http::StatusCode::BAD_REQUEST;
+        Err(refusal)
+    }
+}
+
+fn kind_of(m: &WireMessage) -> &'static str {
+    match m {
+        WireMessage::Signal { .. } => "signal",
+        WireMessage::Request { .. } => "request",
+        WireMessage::Response { .. } => "response",
+    }
+}
