@@ -415,7 +415,7 @@ fn log_server_event(event: &ServerEvent) {
         ServerEvent::Reconnect(c) => tracing::info!(
             id = c.id(),
             remote = ?c.remote_addr(),
-            session = ?c.session_id(),
+            session = ?c.session_tag(),
             "client restored its session"
         ),
         ServerEvent::RestoreSession(_) => {}

@@ -452,7 +452,16 @@ impl RedisStore {
     /// 24 h inactive lifetime. The connection reconnects by itself if Redis restarts.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
-        let conn = redis::aio::ConnectionManager::new(client).await?;
+        // Fail fast while Redis is away: a store call sits on a handshake's path, so it gets
+        // 2 s per attempt and one quick retry (redis-rs's defaults add up to ~10 s), and the
+        // manager keeps reconnecting in the background.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_millis(500))
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let conn = redis::aio::ConnectionManager::new_with_config(client, config).await?;
         Ok(RedisStore {
             conn,
             prefix: "tether:session:".into(),

@@ -787,6 +787,15 @@ impl Driver {
         self.drain_commands()?;
         if self.can_write() {
             let result = match result {
+                // A Node peer cannot parse NaN or ±Infinity: answer 16 and say why here.
+                Ok(v) if super::check_finite(std::slice::from_ref(&v)).is_err() => {
+                    tracing::warn!(
+                        conn = self.conn.id(),
+                        id,
+                        "a method returned a non-finite number"
+                    );
+                    CallbackResult::Error(RemoteErrorArray::code(ErrorCode::InternalApiError))
+                }
                 Ok(v) => CallbackResult::Ok(vec![v]),
                 Err(e) => CallbackResult::Error(e),
             };
@@ -1117,7 +1126,19 @@ impl Driver {
         let Some(hooks) = self.hooks.clone() else {
             return Err(Stop::Gone(Some("no server hooks".into())));
         };
-        let decision = hooks.handshake(self.conn.clone(), app, version, auth).await;
+        // The decision (authentication, a store look-up) may not outlast the handshake
+        // deadline: a stalled store must not hold the connection past it.
+        let decision = hooks.handshake(self.conn.clone(), app, version, auth);
+        let decision = match self.timer {
+            Some(deadline) => match tokio::time::timeout_at(deadline, decision).await {
+                Ok(d) => d,
+                Err(_) => {
+                    hooks.on_handshake_timeout(&self.conn);
+                    return Err(Stop::Gone(Some("handshake timeout".into())));
+                }
+            },
+            None => decision.await,
+        };
         match decision {
             Ok(HandshakeDecision::New(accepted)) => {
                 let mut session = Session::new(

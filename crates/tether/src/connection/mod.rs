@@ -331,9 +331,21 @@ impl Connection {
         self.identity().username.clone()
     }
 
-    /// The session id the server assigned.
+    /// The session id the server assigned. It is the client's bearer secret: a JSTP restore
+    /// carries nothing else, so never log it (see [`Connection::session_tag`]).
     pub fn session_id(&self) -> Option<String> {
         self.identity().session_id.clone()
+    }
+
+    /// A short tag of the session id for logs and metrics: the same session always gets the
+    /// same tag, and the tag does not give the id away.
+    pub fn session_tag(&self) -> Option<String> {
+        use std::hash::{Hash, Hasher};
+        self.identity().session_id.as_ref().map(|id| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            id.hash(&mut h);
+            format!("{:08x}", h.finish() >> 32)
+        })
     }
 
     /// The local application: on a server, the one the client's handshake resolved to; on a
