@@ -2,12 +2,13 @@
 //! them.
 
 use clap::Args;
+use futures::StreamExt;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tether::hub::{Entry, Heartbeat, Hub, HubEvent, HubOptions, JstpConnector, Schedule};
+use tether::hub::{Entry, Heartbeat, Hub, HubEvent, HubOptions, JstpConnector, Lagged, Schedule};
 use tether::reconnect::Backoff;
 use tether::{ClientOptions, Error};
 
@@ -194,6 +195,7 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
     // Refuse bad addresses before connecting to anything.
     for a in &addresses {
         a.parse::<tether::hub::MultiAddress>()
+            .and_then(|m| m.check_transports())
             .map_err(|e| Error::InvalidArgument(format!("{a}: {e}")))?;
     }
     if let Some(ca) = &args.ca {
@@ -205,7 +207,7 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
     let hub_err = |e: tether::hub::HubError| Error::InvalidArgument(e.to_string());
     let mut events = hub.listen().map_err(hub_err)?;
     let mut live = hub.live_entries().map_err(hub_err)?;
-    let first = live.next().await.unwrap_or_default();
+    let first = live.next().await.and_then(Result::ok).unwrap_or_default();
     let mut latest = first.clone();
     let mut lost = Lost::new();
     if args.table {
@@ -237,14 +239,16 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
                 tokio::spawn(async move { hub.close().await });
             }
             entries = live.next(), if live_open => match entries {
-                Some(entries) => {
+                Some(Ok(entries)) => {
                     latest = entries;
                     draw_table(&latest, &lost);
                 }
+                // Every table is complete: the next one is the truth.
+                Some(Err(_)) => {}
                 None => live_open = false,
             },
-            event = events.recv(), if events_open => match event {
-                Ok(e) => {
+            event = events.next(), if events_open => match event {
+                Some(Ok(e)) => {
                     if let HubEvent::Connected { direction, .. } = &e {
                         directions.insert(e.address().to_owned(), *direction);
                     }
@@ -261,10 +265,13 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
                         println!("{}", event_json(&e, direction));
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Some(Err(Lagged(n))) => {
                     tracing::warn!(missed = n, "hub events fell behind");
+                    if !args.table {
+                        println!("{}", json!({"event": "lagged", "missed": n}));
+                    }
                 }
-                Err(_) => events_open = false,
+                None => events_open = false,
             },
         }
     }

@@ -93,12 +93,23 @@ fn hub_lines_carry_key_and_direction_and_a_killed_peer_is_redialled_once_restart
     args.extend(flags);
     let (mut hub, mut lines) = hub(&args);
     let key = format!("@{KEY}.ed25519");
-    let up = until(&mut lines, "connected", &a1);
-    assert_eq!(up["key"], key.as_str());
-    assert_eq!(up["direction"], "outbound");
-    let up = until(&mut lines, "connected", &a2);
-    assert_eq!(up["key"], Json::Null);
-    assert_eq!(up["direction"], "outbound");
+    // Both connected, in either order, each line with its key and direction.
+    let mut up = HashMap::new();
+    while up.len() < 2 {
+        let line = lines.json("the connected lines");
+        assert!(
+            line.get("key").is_some() && line.get("direction").is_some(),
+            "{line}"
+        );
+        if line["event"] == "connected" {
+            up.insert(line["address"].as_str().unwrap().to_owned(), line);
+        }
+    }
+    assert_eq!(up[&a1]["key"], key.as_str());
+    assert_eq!(up[&a2]["key"], Json::Null);
+    for line in up.values() {
+        assert_eq!(line["direction"], "outbound");
+    }
 
     // Kill the first peer outright: the hub reports it gone, with why, and redials it.
     let mut first = first;
@@ -166,6 +177,21 @@ fn hub_refuses_bad_addresses() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("peer key"));
+    // A bad or missing port is refused before anything is dialled.
+    for (address, says) in [
+        ("net:127.0.0.1", "net address without a port"),
+        ("net:127.0.0.1:http", "invalid port \"http\" in net address"),
+        ("ws://127.0.0.1:99999", "invalid port"),
+    ] {
+        let out = run(
+            Command::new(BIN).args(["hub", address]),
+            "hub with a bad port",
+        );
+        assert_eq!(out.status.code(), Some(2), "{address}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{address}: {stderr}");
+        assert!(out.stdout.is_empty(), "{address}: dialled anyway");
+    }
 }
 
 /// One row of `tether hub --table`: state, direction, address and the error (may be empty).
@@ -259,9 +285,16 @@ fn hub_reaches_tls_and_wss_peers_with_ca_or_insecure() {
         let mut args = vec![tls.as_str(), wss.as_str()];
         args.extend(trust);
         let (mut hub, mut lines) = hub(&args);
-        for a in [&tls, &wss] {
-            until(&mut lines, "connected", a);
+        // Both connected, in either order.
+        let mut up = std::collections::HashSet::new();
+        while up.len() < 2 {
+            let line = lines.json("tls and wss connected");
+            assert_ne!(line["event"], "connecting-failed", "{trust:?}: {line}");
+            if line["event"] == "connected" {
+                up.insert(line["address"].as_str().unwrap().to_owned());
+            }
         }
+        assert!(up.contains(&tls) && up.contains(&wss), "{up:?}");
         assert_clean_stop(&mut hub, &mut lines, &[&tls, &wss]);
     }
     // Trusting nothing, the dial fails with the reason.

@@ -6,18 +6,20 @@
 mod common;
 
 use common::{within, LIMIT};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tether::example::{test_app, ChatHub};
 use tether::hub::{
-    Cause, ConnectOutcome, Connector, Direction, Heartbeat, Hub, HubError, HubEvent, HubOptions,
-    HubState, JstpConnector, MaxConnections, MultiAddress, OnePerKey, PeerKey, Schedule,
+    Cause, ConnectOutcome, Connector, Direction, Events, Heartbeat, Hub, HubError, HubEvent,
+    HubOptions, HubState, JstpConnector, Lagged, MaxConnections, MultiAddress, OnePerKey, PeerKey,
+    Schedule,
 };
 use tether::{connect_transport, memory, ClientOptions, Connection, Server, Value};
 use tether_wire::Object;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 
 const KEY: &str = "pAhDcHjunq6epPvYYo483vBjcuDkE10qrc2tYC827R0=";
 const KEY2: &str = "DTNmX+4SjsgZ7xyDh5xxmNtFqa6pWi5Qtw7cE8aR9TQ=";
@@ -53,9 +55,10 @@ fn unreachable_address() -> String {
 }
 
 /// The next hub event; `what` names the one expected.
-async fn next(events: &mut broadcast::Receiver<HubEvent>, what: &str) -> HubEvent {
-    within(LIMIT, &format!("the hub's {what} event"), events.recv())
+async fn next(events: &mut Events, what: &str) -> HubEvent {
+    within(LIMIT, &format!("the hub's {what} event"), events.next())
         .await
+        .unwrap()
         .unwrap()
 }
 
@@ -76,10 +79,10 @@ async fn close(hub: &Hub) {
     within(LIMIT, "the hub's close", hub.close()).await
 }
 
-fn kinds(events: &mut broadcast::Receiver<HubEvent>) -> Vec<&'static str> {
+fn kinds(events: &mut Events) -> Vec<&'static str> {
     let mut out = Vec::new();
-    while let Ok(e) = events.try_recv() {
-        out.push(e.kind());
+    while let Some(Some(item)) = events.next().now_or_never() {
+        out.push(item.unwrap().kind());
     }
     out
 }
@@ -203,7 +206,7 @@ async fn update_merges_data_of_an_entry_in_the_hub() {
     let mut live = hub.live_entries().unwrap();
     let entries = within(LIMIT, "a live table with the connecting entry", async {
         loop {
-            let entries = live.next().await.unwrap();
+            let entries = live.next().await.unwrap().unwrap();
             if !entries.is_empty() {
                 break entries;
             }
@@ -240,15 +243,16 @@ async fn live_entries_emit_every_table_change() {
     let address = unreachable_address();
     assert!(dial(&hub, &address, Object::new()).await.is_err());
     let table = within(LIMIT, "the initial (empty) live table", live.next());
-    assert!(table.await.unwrap().is_empty());
+    assert!(table.await.unwrap().unwrap().is_empty());
     let connecting = within(LIMIT, "the live table while connecting", live.next())
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(connecting.len(), 1);
     assert_eq!(connecting[0].0, address);
     assert_eq!(connecting[0].1.state, HubState::Connecting);
     let table = within(LIMIT, "the live table after the failure", live.next());
-    assert!(table.await.unwrap().is_empty());
+    assert!(table.await.unwrap().unwrap().is_empty());
     close(&hub).await;
     assert!(
         within(LIMIT, "the live table stream to end", live.next())
@@ -290,10 +294,9 @@ async fn after_close_nothing_works() {
         hang_up(&hub, "net:a:1").await,
         Err(HubError::Closed)
     ));
-    assert!(matches!(
-        within(LIMIT, "the event stream to end", events.recv()).await,
-        Err(broadcast::error::RecvError::Closed)
-    ));
+    assert!(within(LIMIT, "the event stream to end", events.next())
+        .await
+        .is_none());
 }
 
 // ---- beyond upstream ------------------------------------------------------------------
@@ -309,6 +312,26 @@ async fn invalid_addresses_are_typed_errors() {
         dial(&hub, "onion:x.onion:80", Object::new()).await,
         Err(HubError::Undialable(_))
     ));
+    // Ports are checked before anything is dialled (nor reported).
+    let mut events = hub.listen().unwrap();
+    assert!(matches!(
+        dial(&hub, "net:127.0.0.1", Object::new()).await,
+        Err(HubError::Address(tether::hub::AddressError::MissingPort(
+            "net"
+        )))
+    ));
+    let bad_port = format!("net:127.0.0.1:http~shs:{KEY}");
+    assert!(matches!(
+        dial(&hub, &bad_port, Object::new()).await,
+        Err(HubError::Address(
+            tether::hub::AddressError::InvalidPort { .. }
+        ))
+    ));
+    // Multiserver's other key forms (unpadded, URL-safe) are the same key.
+    let unpadded = format!("net:127.0.0.1:1~shs:{}", KEY.trim_end_matches('='));
+    let parsed: MultiAddress = unpadded.parse().unwrap();
+    assert_eq!(parsed.key(), Some(PeerKey::parse(KEY).unwrap()));
+    assert!(kinds(&mut events).is_empty());
 }
 
 #[tokio::test]
@@ -515,7 +538,7 @@ async fn reset_disconnects_everything_once() {
     within(LIMIT, "the hub's reset", hub.reset()).await.unwrap();
     assert!(hub.entries().unwrap().is_empty());
     let mut per_address: HashMap<String, Vec<&str>> = HashMap::new();
-    while let Ok(e) = events.try_recv() {
+    while let Some(Some(Ok(e))) = events.next().now_or_never() {
         per_address
             .entry(e.address().to_owned())
             .or_default()
@@ -656,7 +679,7 @@ async fn a_hub_of_200_peers() {
     close(&hub).await;
     let seen = Arc::new(Mutex::new(HashMap::<String, Vec<&str>>::new()));
     within(LIMIT, "the hub's event stream to end after close", async {
-        while let Ok(e) = events.recv().await {
+        while let Some(Ok(e)) = events.next().await {
             seen.lock()
                 .unwrap()
                 .entry(e.address().to_owned())
@@ -748,14 +771,14 @@ async fn pump(
 
 /// Events of `address` until one `pick` accepts; the others are returned in order.
 async fn until(
-    events: &mut broadcast::Receiver<HubEvent>,
+    events: &mut Events,
     what: &str,
     pick: impl Fn(&HubEvent) -> bool,
 ) -> (HubEvent, Vec<HubEvent>) {
     let mut before = Vec::new();
     within(LIMIT, what, async {
         loop {
-            let e = events.recv().await.unwrap();
+            let e = events.next().await.unwrap().unwrap();
             if pick(&e) {
                 return (e, before);
             }
@@ -978,7 +1001,7 @@ async fn a_failed_first_dial_is_retried_until_the_schedule_gives_up() {
     let mut seen = Vec::new();
     within(LIMIT, "three failed dials", async {
         while seen.iter().filter(|k| **k == "connecting-failed").count() < 3 {
-            seen.push(events.recv().await.unwrap().kind());
+            seen.push(events.next().await.unwrap().unwrap().kind());
         }
     })
     .await;
@@ -997,4 +1020,50 @@ async fn a_failed_first_dial_is_retried_until_the_schedule_gives_up() {
     );
     // Let go: nothing to disconnect.
     assert!(!hang_up(&hub, &address).await.unwrap());
+}
+
+// ---- streams ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_listener_that_falls_behind_gets_lagged_items_not_a_silent_gap() {
+    let mut options = off_with(Gate::new(false));
+    options.channel_capacity = 2;
+    let hub = Hub::new(options);
+    let mut events = hub.listen().unwrap();
+    let mut live = hub.live_entries().unwrap();
+    let addresses = ["net:10.0.3.1:1", "net:10.0.3.2:1", "net:10.0.3.3:1"];
+    for a in addresses {
+        dial(&hub, a, Object::new()).await.unwrap();
+    }
+    // Six events, two kept: the listener learns it missed four, then gets the last two.
+    let lagged = within(LIMIT, "the lagged item", events.next())
+        .await
+        .unwrap();
+    assert_eq!(lagged.unwrap_err(), Lagged(4));
+    let rest: Vec<_> = (0..2).map(|_| events.next().now_or_never()).collect();
+    let rest: Vec<_> = rest
+        .into_iter()
+        .map(|i| {
+            let e = i.unwrap().unwrap().unwrap();
+            (e.kind(), e.address().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        rest,
+        [
+            ("connecting", addresses[2].to_owned()),
+            ("connected", addresses[2].to_owned())
+        ]
+    );
+    assert!(events.next().now_or_never().is_none(), "nothing else");
+    // Tables: the first, then the lag, then the newest two (the last complete).
+    let first = within(LIMIT, "the first table", live.next()).await;
+    assert!(first.unwrap().unwrap().is_empty());
+    let lagged = within(LIMIT, "the lagged table", live.next()).await;
+    assert_eq!(lagged.unwrap().unwrap_err(), Lagged(4));
+    live.next().now_or_never().unwrap().unwrap().unwrap();
+    let last = live.next().now_or_never().unwrap().unwrap().unwrap();
+    assert_eq!(last.len(), 3);
+    assert!(last.iter().all(|(_, e)| e.state == HubState::Connected));
+    close(&hub).await;
 }

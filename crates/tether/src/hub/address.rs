@@ -37,9 +37,20 @@ pub enum AddressError {
     /// An `shs` key is not base64 of 32 bytes.
     #[error("invalid peer key {0:?}: expected base64 of 32 bytes")]
     InvalidKey(String),
-    /// A transport protocol lacks its fields (e.g. `net:host` without a port).
+    /// A transport protocol lacks its fields (e.g. `net::1` without a host).
     #[error("invalid {0} address")]
     InvalidTransport(&'static str),
+    /// A `net:` or `tls:` address has no port.
+    #[error("{0} address without a port")]
+    MissingPort(&'static str),
+    /// A port is not a number from 1 to 65535.
+    #[error("invalid port {port:?} in {transport} address")]
+    InvalidPort {
+        /// The transport protocol.
+        transport: &'static str,
+        /// The port as written.
+        port: String,
+    },
 }
 
 /// One protocol of an address: a name and its data fields (escapes resolved).
@@ -69,12 +80,22 @@ pub struct MultiAddress {
 pub struct PeerKey([u8; 32]);
 
 impl PeerKey {
-    /// Parses base64 (standard alphabet, padded) of exactly 32 bytes; a leading `@` and a
-    /// trailing `.ed25519` are accepted, as in SSB feed ids.
+    /// Parses base64 of exactly 32 bytes, in the forms multiserver accepts: standard or
+    /// URL-safe alphabet, padded or not; a leading `@` and a trailing `.ed25519` are accepted,
+    /// as in SSB feed ids. It prints in the standard padded form.
     pub fn parse(text: &str) -> Result<PeerKey, AddressError> {
+        use base64::engine::general_purpose::{
+            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+        };
         let core = text.strip_prefix('@').unwrap_or(text);
         let core = core.strip_suffix(".ed25519").unwrap_or(core);
-        let bytes = base64::engine::general_purpose::STANDARD
+        let engine = match (core.contains(['-', '_']), core.ends_with('=')) {
+            (false, true) => STANDARD,
+            (false, false) => STANDARD_NO_PAD,
+            (true, true) => URL_SAFE,
+            (true, false) => URL_SAFE_NO_PAD,
+        };
+        let bytes = engine
             .decode(core)
             .map_err(|_| AddressError::InvalidKey(text.to_owned()))?;
         let key: [u8; 32] = bytes
@@ -248,21 +269,25 @@ impl Address {
         let Some(t) = self.protocols.first() else {
             return Err(AddressError::Empty);
         };
-        let host_port = |kind: &'static str| -> Result<(String, u16), AddressError> {
-            let (port, host) = t
-                .data
-                .split_last()
-                .ok_or(AddressError::InvalidTransport(kind))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| AddressError::InvalidTransport(kind))?;
-            // IPv6 hosts span several fields, some empty (`fe80::1`).
-            let host = host.join(":");
-            if host.is_empty() {
-                return Err(AddressError::InvalidTransport(kind));
-            }
-            Ok((host, port))
-        };
+        let host_port =
+            |kind: &'static str| -> Result<(String, u16), AddressError> {
+                let (port, host) = match t.data.split_last() {
+                    Some((port, host)) if !host.is_empty() => (port, host),
+                    _ => return Err(AddressError::MissingPort(kind)),
+                };
+                let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    AddressError::InvalidPort {
+                        transport: kind,
+                        port: port.clone(),
+                    }
+                })?;
+                // IPv6 hosts span several fields, some empty (`fe80::1`).
+                let host = host.join(":");
+                if host.is_empty() {
+                    return Err(AddressError::InvalidTransport(kind));
+                }
+                Ok((host, port))
+            };
         let endpoint = match t.name.as_str() {
             "net" => {
                 let (host, port) = host_port("net")?;
@@ -272,9 +297,19 @@ impl Address {
                 let (host, port) = host_port("tls")?;
                 Endpoint::Tls { host, port }
             }
-            "ws" | "wss" => format!("{}:{}", t.name, t.data.join(":"))
-                .parse()
-                .map_err(|_| AddressError::InvalidTransport("ws"))?,
+            "ws" | "wss" => {
+                let kind = if t.name == "ws" { "ws" } else { "wss" };
+                let text = format!("{}:{}", t.name, t.data.join(":"));
+                if let Err(url::ParseError::InvalidPort) = url::Url::parse(&text) {
+                    let port = t.data.last().cloned().unwrap_or_default();
+                    return Err(AddressError::InvalidPort {
+                        transport: kind,
+                        port,
+                    });
+                }
+                text.parse()
+                    .map_err(|_| AddressError::InvalidTransport(kind))?
+            }
             "unix" => {
                 let path = t.data.join(":");
                 if path.is_empty() {
@@ -323,6 +358,15 @@ impl MultiAddress {
     /// The peer key: the first `shs…` layer in any alternative.
     pub fn key(&self) -> Option<PeerKey> {
         self.alternatives.iter().find_map(Address::key)
+    }
+
+    /// Checks every alternative whose transport tether knows (`net`, `tls`, `ws`, `wss`,
+    /// `unix`): a bad or missing port or host is an error now rather than an undialable
+    /// address later. Other transports are left alone.
+    pub fn check_transports(&self) -> Result<(), AddressError> {
+        self.alternatives
+            .iter()
+            .try_for_each(|a| a.endpoint().map(drop))
     }
 
     /// The endpoint of the first alternative tether can dial.
@@ -445,7 +489,7 @@ mod tests {
             assert_eq!(a.endpoint().unwrap().to_string(), url, "{text}");
         }
         let bad: Address = "net:host".parse().unwrap();
-        assert_eq!(bad.endpoint(), Err(AddressError::InvalidTransport("net")));
+        assert_eq!(bad.endpoint(), Err(AddressError::MissingPort("net")));
         let e: Endpoint = "jstp://127.0.0.1:9".parse().unwrap();
         assert_eq!(MultiAddress::from(&e).to_string(), "net:127.0.0.1:9");
         assert_eq!(
@@ -454,5 +498,88 @@ mod tests {
                 .to_base64(),
             KEY
         );
+    }
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::*;
+
+    const KEY: &str = "pAhDcHjunq6epPvYYo483vBjcuDkE10qrc2tYC827R0=";
+
+    #[test]
+    fn keys_parse_in_every_multiserver_form_and_print_canonically() {
+        // A key with `+` and `/` in it, so the URL-safe alphabet differs.
+        let key = PeerKey([0xfb; 32]);
+        let standard = key.to_base64();
+        assert!(
+            standard.contains('+') || standard.contains('/'),
+            "{standard}"
+        );
+        let url_safe = standard.replace('+', "-").replace('/', "_");
+        for text in [
+            standard.clone(),
+            standard.trim_end_matches('=').to_owned(),
+            url_safe.clone(),
+            url_safe.trim_end_matches('=').to_owned(),
+            format!("@{}.ed25519", url_safe.trim_end_matches('=')),
+        ] {
+            assert_eq!(PeerKey::parse(&text), Ok(key), "{text}");
+            let address: MultiAddress = format!("net:h:1~shs:{text}").parse().unwrap();
+            assert_eq!(address.key(), Some(key), "{text}");
+        }
+        assert_eq!(key.to_base64(), standard);
+        assert_eq!(PeerKey::parse(KEY).unwrap().to_base64(), KEY);
+        // Mixed alphabets, wrong lengths and stray characters are still refused.
+        let mixed = format!("-{}", &standard[1..]).replace('/', "+");
+        for bad in [
+            &mixed[..],
+            "AAAA",
+            &KEY[..42],
+            "pAhDcHjunq6epPvYYo483vBjcuDkE10qrc2tYC827R0==",
+        ] {
+            assert!(PeerKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ports_are_checked_before_dialling() {
+        let check = |text: &str| text.parse::<MultiAddress>().unwrap().check_transports();
+        assert_eq!(check("net:h"), Err(AddressError::MissingPort("net")));
+        assert_eq!(check("tls:h"), Err(AddressError::MissingPort("tls")));
+        for (text, transport, port) in [
+            ("net:h:http", "net", "http"),
+            ("net:h:0", "net", "0"),
+            ("tls:h:70000", "tls", "70000"),
+            ("ws://h:99999", "ws", "99999"),
+            ("wss://h:x", "wss", "x"),
+        ] {
+            assert_eq!(
+                check(text),
+                Err(AddressError::InvalidPort {
+                    transport,
+                    port: port.into()
+                }),
+                "{text}"
+            );
+        }
+        // One bad alternative is enough; unknown transports are not ours to judge.
+        assert_eq!(
+            check("onion:x.onion:80;net:h:x"),
+            Err(AddressError::InvalidPort {
+                transport: "net",
+                port: "x".into()
+            })
+        );
+        for good in [
+            "net:h:1",
+            "tls:h:443",
+            "ws://h",
+            "wss://h:8443/p",
+            "onion:x:y",
+            "unix:/s",
+        ] {
+            assert_eq!(check(good), Ok(()), "{good}");
+        }
     }
 }

@@ -2,15 +2,15 @@
 //!
 //! The hub keeps one entry per [`MultiAddress`] in the states `Connecting`, `Connected` or
 //! `Disconnecting` (no entry means disconnected), dials through a [`Connector`] (by default a
-//! JSTP client, [`JstpConnector`]), and reports every transition exactly once on
-//! [`Hub::listen`] and as table snapshots on [`Hub::live_entries`].
+//! JSTP client, [`JstpConnector`]), and reports every transition exactly once on the
+//! [`Hub::listen`] stream and as table snapshots on the [`Hub::live_entries`] stream.
 //!
 //! Unlike upstream: concurrent `connect` calls on a connecting address share one dial *and its
 //! failure*; `disconnect` aborts a dial in progress; a `connect` made while disconnecting runs
 //! again, with its data, once the disconnect is done; `disconnected` is reported once per
 //! connection; after [`Hub::close`] every call fails with [`HubError::Closed`].
 //!
-//! The hub also keeps its peers (see [`scheduler`](Scheduler)): an address given to
+//! The hub also keeps its peers (see [`Scheduler`]): an address given to
 //! [`Hub::connect`] is redialled with backoff whenever it is lost, until [`Hub::disconnect`]
 //! ([`HubEvent::Redialing`]); a liveness check moves a frozen peer to disconnected
 //! ([`Cause::NoPong`]); and its connection may restore its own session across a dropped link.
@@ -18,6 +18,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tether::hub::HubError> {
+//! use futures::StreamExt;
 //! use tether::hub::{ConnectOutcome, Hub, HubOptions};
 //! use tether::Value;
 //!
@@ -30,16 +31,18 @@
 //!     }
 //!     ConnectOutcome::Deferred => {}
 //! }
-//! println!("{:?}", events.recv().await);
+//! println!("{:?}", events.next().await);
 //! hub.close().await;
 //! # Ok(()) }
 //! ```
 
 mod address;
 mod scheduler;
+mod stream;
 
 pub use address::{Address, AddressError, MultiAddress, PeerKey, Protocol};
 pub use scheduler::{Heartbeat, Redial, Schedule, Scheduler};
+pub use stream::{Events, Lagged, LiveEntries};
 
 use crate::client::{connect_endpoint, ClientOptions};
 use crate::connection::Connection;
@@ -378,7 +381,8 @@ pub struct HubOptions {
     pub connector: Arc<dyn Connector>,
     /// Checked in order before every new connection.
     pub policies: Vec<Arc<dyn Policy>>,
-    /// Capacity of the event and snapshot channels; slow listeners see `Lagged`. Default 1024.
+    /// Items queued per listener of [`Hub::listen`] and [`Hub::live_entries`]; one that falls
+    /// further behind gets a [`Lagged`] item. Default 1024.
     pub channel_capacity: usize,
     /// How each peer is kept (redial, liveness, session resumption). Default
     /// [`Schedule::default`].
@@ -516,29 +520,6 @@ async fn liveness(conn: &Connection, hb: Heartbeat) -> Cause {
     }
 }
 
-/// Snapshots of the hub's table: the current one first, then one after each change.
-pub struct LiveEntries {
-    first: Option<Vec<(String, Entry)>>,
-    rx: broadcast::Receiver<Vec<(String, Entry)>>,
-}
-
-impl LiveEntries {
-    /// The next snapshot; `None` once the hub is closed. A listener that falls behind skips
-    /// to the newest snapshots.
-    pub async fn next(&mut self) -> Option<Vec<(String, Entry)>> {
-        if let Some(first) = self.first.take() {
-            return Some(first);
-        }
-        loop {
-            match self.rx.recv().await {
-                Ok(s) => return Some(s),
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    }
-}
-
 impl Hub {
     /// A new, empty hub.
     pub fn new(options: HubOptions) -> Hub {
@@ -575,6 +556,7 @@ impl Hub {
     /// included), and a pending redial starts now.
     pub async fn connect(&self, address: &str, data: Object) -> Result<ConnectOutcome, HubError> {
         let parsed: MultiAddress = address.parse()?;
+        parsed.check_transports()?;
         let schedule = self.inner.scheduler.schedule(&parsed);
         let dial = {
             let mut state = self.open_state()?;
@@ -1001,16 +983,15 @@ impl Hub {
     pub fn live_entries(&self) -> Result<LiveEntries, HubError> {
         let state = self.open_state()?;
         let snapshots = state.snapshots.as_ref().ok_or(HubError::Closed)?;
-        Ok(LiveEntries {
-            first: Some(snapshot(&state)),
-            rx: snapshots.subscribe(),
-        })
+        Ok(LiveEntries::new(snapshot(&state), snapshots.subscribe()))
     }
 
     /// Transitions from now on, each reported once.
-    pub fn listen(&self) -> Result<broadcast::Receiver<HubEvent>, HubError> {
+    pub fn listen(&self) -> Result<Events, HubError> {
         let state = self.open_state()?;
-        Ok(state.events.as_ref().ok_or(HubError::Closed)?.subscribe())
+        Ok(Events::new(
+            state.events.as_ref().ok_or(HubError::Closed)?.subscribe(),
+        ))
     }
 
     /// The state of `address`; `None` when disconnected.
