@@ -870,3 +870,122 @@ async fn origins_are_checked_when_restricted() {
         }
     }
 }
+
+/// One raw connection switching dialects: each request is answered in the dialect it was asked
+/// in (tag as a string or in map form); a unit request, which shows none, gets the latest one;
+/// errors, including for a payload that is not a map, are in the conductor's shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_answered_in_its_dialect() {
+    use tether_wire::conductor::{from_bytes, to_bytes, WireMessage};
+    let server = our_server();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let sock = within("tcp connect", tokio::net::TcpStream::connect(&addr))
+        .await
+        .unwrap();
+    let (mut ws, _) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async(format!("ws://{addr}"), sock),
+    )
+    .await
+    .unwrap();
+    let args = map(&[("a", 20.into()), ("b", 10.into())]);
+    let tagged = |tag: Value, key: &str, content: Value| {
+        to_bytes(&Value::Map(vec![
+            ("type".into(), tag),
+            (key.into(), content),
+        ]))
+    };
+    let map_tag = |m: &str| Value::Map(vec![(m.into(), Value::Nil)]);
+    // An error's message is free text; its shape and kind are fixed.
+    fn error(key: &'static str, kind: &'static str) -> impl Fn(&Value) {
+        move |v: &Value| {
+            let outer = v.as_map().unwrap();
+            assert_eq!(outer[0], ("type".into(), "error".into()));
+            assert_eq!(outer[1].0, Value::from(key));
+            let inner = outer[1].1.as_map().unwrap();
+            assert_eq!(inner[0], ("type".into(), kind.into()));
+            assert_eq!(inner[1].0, Value::from(key));
+            assert!(inner[1].1.is_str());
+        }
+    }
+    let exact = |expected: Value| move |v: &Value| assert_eq!(*v, expected);
+    type Check = Box<dyn Fn(&Value)>;
+    let cases: Vec<(&str, Vec<u8>, Check)> = vec![
+        (
+            "value dialect",
+            tagged("divide".into(), "value", args.clone()),
+            Box::new(exact(map(&[
+                ("type", "divide".into()),
+                ("value", 2.0.into()),
+            ]))),
+        ),
+        (
+            "data dialect, map-form tag",
+            tagged(map_tag("divide"), "data", args.clone()),
+            Box::new(exact(map(&[
+                ("type", "divide".into()),
+                ("data", 2.0.into()),
+            ]))),
+        ),
+        (
+            "unit request after data",
+            to_bytes(&map(&[("type", "answer".into())])),
+            Box::new(exact(map(&[
+                ("type", "answer".into()),
+                ("data", 42.into()),
+            ]))),
+        ),
+        (
+            "unknown method, value dialect",
+            tagged("no_such".into(), "value", Value::Nil),
+            Box::new(error("value", "deserialization")),
+        ),
+        (
+            "handler error, map-form tag, value dialect",
+            tagged(
+                map_tag("divide"),
+                "value",
+                map(&[("a", 1.into()), ("b", 0.into())]),
+            ),
+            Box::new(exact(map(&[
+                ("type", "error".into()),
+                (
+                    "value",
+                    map(&[
+                        ("type", "internal_error".into()),
+                        ("value", "Zero division".into()),
+                    ]),
+                ),
+            ]))),
+        ),
+        (
+            "payload not a map",
+            to_bytes(&Value::from(7)),
+            Box::new(error("value", "deserialization")),
+        ),
+    ];
+    for (i, (name, payload, check)) in cases.into_iter().enumerate() {
+        let request = WireMessage::Request {
+            id: i as u64,
+            data: payload,
+        };
+        within(
+            &format!("{name}: send"),
+            ws.send(WsMessage::binary(request.encode())),
+        )
+        .await
+        .unwrap();
+        let reply = within(&format!("{name}: the response"), ws.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match WireMessage::decode(&reply.into_data()).unwrap() {
+            WireMessage::Response { id, data: Some(d) } if id == i as u64 => {
+                check(&from_bytes(&d).unwrap())
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
