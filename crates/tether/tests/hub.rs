@@ -1067,3 +1067,35 @@ async fn a_listener_that_falls_behind_gets_lagged_items_not_a_silent_gap() {
     assert!(last.iter().all(|(_, e)| e.state == HubState::Connected));
     close(&hub).await;
 }
+
+#[tokio::test]
+async fn a_peer_refused_by_the_connection_limit_is_redialled_when_a_slot_frees() {
+    let options = HubOptions::with_connector(Gate::new(false))
+        .policy(MaxConnections(1))
+        .scheduler(Schedule::off().redial(quick_redial()));
+    let hub = Hub::new(options);
+    let (a, b) = ("net:10.0.4.1:1", "net:10.0.4.2:1");
+    dial(&hub, a, Object::new()).await.unwrap();
+    let mut events = hub.listen().unwrap();
+    assert!(matches!(
+        dial(&hub, b, Object::new()).await,
+        Err(HubError::Refused(_))
+    ));
+    // Refused again while the slot is taken, each time scheduled further out.
+    let (second, _) = until(&mut events, "a second refusal", |e| {
+        matches!(e, HubEvent::Redialing { failures: 2, .. })
+    })
+    .await;
+    assert_eq!(second.address(), b);
+    assert_eq!(hub.get_state(b).unwrap(), None);
+    assert!(hang_up(&hub, a).await.unwrap());
+    let (up, _) = until(&mut events, "the refused peer connected", |e| {
+        e.kind() == "connected"
+    })
+    .await;
+    assert_eq!(up.address(), b);
+    let entries = hub.entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, b);
+    close(&hub).await;
+}
