@@ -1,0 +1,6 @@
+#[tether_macros::interface]
+trait Echo {
+    async fn echo<T>(&self, x: T) -> Result<T, tether::RemoteError>;
+}
+
+fn main() {}
