@@ -83,6 +83,45 @@ impl Interface {
         self
     }
 
+    /// Adds (or replaces) a method that runs on a task of its own. Methods normally start on
+    /// their connection's task, in arrival order, which is what keeps a connection's calls and
+    /// their side effects ordered; a CPU-heavy or long method that should not hold the
+    /// connection's other calls up opts out here. Its synchronous part still starts in
+    /// order; its answer comes when it finishes (a panic answers `[16]`).
+    pub fn spawned_method<F, Fut>(self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Connection, Vec<Value>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = MethodResult> + Send + 'static,
+    {
+        self.method(name, move |conn, args| {
+            let task = tokio::spawn(f(conn, args));
+            async move {
+                task.await.unwrap_or_else(|_| {
+                    Err(RemoteError::code(tether_wire::ErrorCode::InternalApiError))
+                })
+            }
+        })
+    }
+
+    /// Adds (or replaces) a method whose body blocks (file IO, a C library, heavy CPU): it runs
+    /// on tokio's blocking pool, so neither its connection nor the runtime's workers wait for
+    /// it. A panic answers `[16]`.
+    pub fn blocking_method<F>(self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Connection, Vec<Value>) -> MethodResult + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.method(name, move |conn, args| {
+            let f = f.clone();
+            let task = tokio::task::spawn_blocking(move || f(conn, args));
+            async move {
+                task.await.unwrap_or_else(|_| {
+                    Err(RemoteError::code(tether_wire::ErrorCode::InternalApiError))
+                })
+            }
+        })
+    }
+
     /// Adds a handler for an incoming event on this interface.
     pub fn on_event<F>(mut self, name: impl Into<String>, f: F) -> Self
     where

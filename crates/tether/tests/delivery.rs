@@ -403,3 +403,66 @@ async fn large_events_all_reach_a_reader_under_backpressure() {
     assert_eq!(got, (0..1000).collect::<Vec<_>>());
     within(LIMIT, "the sender", sender).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_that_opt_out_run_on_their_own_tasks() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let iface = Interface::new()
+        .spawned_method("wait", {
+            let gate = gate.clone();
+            move |_c, _a| {
+                let gate = gate.clone();
+                async move {
+                    gate.notified().await;
+                    Ok(Value::from("released"))
+                }
+            }
+        })
+        .spawned_method("boom", |_c, _a| async { panic!("a method bug") })
+        .blocking_method("sum", |_c, a: Vec<Value>| {
+            Ok(Value::from(a.iter().filter_map(Value::as_f64).sum::<f64>()))
+        });
+    let server = server_with(ConnectionConfig::default(), Some(("work", iface)));
+    let addr = listen(&server, "jstp://127.0.0.1:0").await;
+    let conn = within(
+        LIMIT,
+        "the client's handshake",
+        connect(
+            &format!("jstp://{addr}"),
+            "testApp",
+            ClientOptions::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    let waiting = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call("work", "wait", vec![]).await }
+    });
+    // Calls after the waiting one are answered while it waits.
+    let sum = within(
+        LIMIT,
+        "the blocking sum",
+        conn.call("work", "sum", vec![1.into(), 2.into()]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sum, vec![Value::from(3)]);
+    match within(
+        LIMIT,
+        "the panicking method",
+        conn.call("work", "boom", vec![]),
+    )
+    .await
+    {
+        Err(tether::Error::Remote(e)) => assert_eq!(e.code, 16),
+        other => panic!("{other:?}"),
+    }
+    assert!(!waiting.is_finished());
+    gate.notify_one();
+    let released = within(LIMIT, "the waiting call", waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(released, vec![Value::from("released")]);
+}

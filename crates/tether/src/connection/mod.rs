@@ -8,7 +8,9 @@
 //! call): the synchronous part of each method, and whatever it emits, happens in that order,
 //! and methods that finish at once are answered in arrival order (one that awaits is answered
 //! when it finishes, as JSTP allows). A method's events go out before its callback. Events
-//! queued on one connection go out in the order they were queued.
+//! queued on one connection go out in the order they were queued. A method that should not
+//! hold its connection's other calls up opts out with `Interface::spawned_method` (its own
+//! task) or `Interface::blocking_method` (the blocking pool).
 //!
 //! # Delivery and bounds
 //!
