@@ -247,6 +247,15 @@ impl Driver {
         }
     }
 
+    /// Records a sent request that awaits its answer within `timeout`.
+    fn await_answer(&mut self, id: i64, kind: PendingKind, timeout: Duration) {
+        let key = self
+            .deadlines
+            .get_or_insert_with(DelayQueue::new)
+            .insert(id, timeout);
+        self.pending.insert(id, Pending { kind, key, timeout });
+    }
+
     fn forget_deadline(&mut self, key: &delay_queue::Key) {
         if let Some(q) = self.deadlines.as_mut() {
             q.remove(key);
@@ -650,18 +659,7 @@ impl Driver {
         }
         self.since_ack = (0, 0);
         let timeout = self.conn.shared.config.call_timeout;
-        let key = self
-            .deadlines
-            .get_or_insert_with(DelayQueue::new)
-            .insert(id, timeout);
-        self.pending.insert(
-            id,
-            Pending {
-                kind: PendingKind::Heartbeat,
-                key,
-                timeout,
-            },
-        );
+        self.await_answer(id, PendingKind::Heartbeat, timeout);
         Ok(())
     }
 
@@ -700,18 +698,7 @@ impl Driver {
                     let _ = reply.send(Err(e));
                     return Ok(());
                 }
-                let key = self
-                    .deadlines
-                    .get_or_insert_with(DelayQueue::new)
-                    .insert(id, timeout);
-                self.pending.insert(
-                    id,
-                    Pending {
-                        kind: PendingKind::Request(reply),
-                        key,
-                        timeout,
-                    },
-                );
+                self.await_answer(id, PendingKind::Request(reply), timeout);
                 Ok(())
             }
             Command::Emit { event, len } => {
