@@ -35,7 +35,7 @@
 //! - the trait itself, each `async fn` rewritten to return `impl Future + Send` (so servers can
 //!   run it on any task; an implementation still writes `async fn`), plus
 //!   `const INTERFACE_NAME` and `fn into_interface(self) -> tether::Interface`, which
-//!   registers every method with [`Interface::typed_method`] (arity and argument types are
+//!   registers every method with `tether::Interface::typed_method` (arity and argument types are
 //!   checked there: a mismatch answers JSTP's `[17]`);
 //! - `CalculatorClient`, wrapping a `tether::Connection`, with one `async fn` per method
 //!   returning `Result<T, tether::TypedError>`.
