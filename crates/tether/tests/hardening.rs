@@ -123,3 +123,43 @@ async fn a_non_finite_result_answers_16_and_the_connection_goes_on() {
     assert_eq!(conn.session_tag().unwrap(), tag, "the tag is stable");
     within(LIMIT, "close", conn.close()).await;
 }
+
+#[tokio::test]
+async fn an_event_before_the_handshake_is_refused_not_lost() {
+    // A login that waits for the test: the connection is there, its handshake not yet done.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let policy = {
+        let gate = gate.clone();
+        move |req: tether::AuthRequest| {
+            let (gate, seen_tx) = (gate.clone(), seen_tx.clone());
+            async move {
+                let _ = seen_tx.send(req.connection.clone());
+                gate.notified().await;
+                Ok::<_, tether::RemoteError>("login".to_owned())
+            }
+        }
+    };
+    let server = Server::builder()
+        .application(app())
+        .auth_policy(policy)
+        .build()
+        .unwrap();
+    let (a, b) = memory::pair(64);
+    server.serve_transport(a);
+    let options = ClientOptions::default().login("login", "password");
+    let client = tokio::spawn(connect_transport(b, "testApp", options));
+    let conn = within(LIMIT, "the login to reach the policy", seen_rx.recv())
+        .await
+        .unwrap();
+    match conn.try_emit("math", "early", vec![]) {
+        Err(Error::Protocol(reason)) => assert!(reason.contains("handshake"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    gate.notify_one();
+    let client = within(LIMIT, "the client's handshake", client)
+        .await
+        .unwrap()
+        .unwrap();
+    within(LIMIT, "close", client.close()).await;
+}

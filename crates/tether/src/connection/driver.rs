@@ -735,14 +735,7 @@ impl Driver {
     }
 
     fn on_emit(&mut self, event: &PreparedEvent) -> Result<(), Stop> {
-        if self.session.is_none() {
-            // Handles only queue events once the handshake is done; a session-less client
-            // connection sends them unbuffered.
-            if !self.handshake_done {
-                tracing::debug!(conn = self.conn.id(), "event before the handshake refused");
-                return Ok(());
-            }
-        }
+        // Handles queue events only once the handshake is done (and so a session exists).
         let id = self.next_id();
         match self.send_buffered(id, SessionKind::Event, event.with_id(id)) {
             Ok(()) => Ok(()),

@@ -494,6 +494,10 @@ impl Connection {
         if self.is_closed() {
             return Err(Error::Closed);
         }
+        if !self.handshake_done() {
+            // Events have ids from the session, which the handshake makes.
+            return Err(Error::Protocol("handshake not done".into()));
+        }
         let len = event.len();
         match self.shared.flow.admit(len) {
             Ok(()) => self
