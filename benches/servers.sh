@@ -17,19 +17,21 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-start() { # start CMD... ; prints "PID READYLINE"
+start() { # start CMD... ; prints "PID READYLINE" (runs in a subshell: the caller records PID)
   local out; out="$(mktemp)"
   "$@" >"$out" 2>/dev/null &
   local pid=$!
-  pids+=("$pid")
   for _ in $(seq 1 200); do [ -s "$out" ] && break; sleep 0.05; done
   echo "$pid $(head -n1 "$out")"
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])$2)" "$1"; }
 
 read -r fpid fready < <(start "$bin" bench --floor 127.0.0.1:0)
+pids+=("$fpid")
 read -r npid nready < <(start node "$root/interop/bench-server.js")
+pids+=("$npid")
 read -r tpid tready < <(start "$bin" serve --tcp 127.0.0.1:0 --ws 127.0.0.1:0)
+pids+=("$tpid")
 floor="jstp://$(field "$fready" "['floor']")"
 node_tcp="jstp://127.0.0.1:$(field "$nready" "['tcp']")"
 node_ws="ws://127.0.0.1:$(field "$nready" "['ws']")"
