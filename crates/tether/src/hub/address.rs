@@ -312,12 +312,12 @@ impl Address {
             }
             "unix" => {
                 let path = t.data.join(":");
-                if path.is_empty() {
+                if path.is_empty() || path.contains('\0') {
                     return Err(AddressError::InvalidTransport("unix"));
                 }
-                format!("unix:{path}")
-                    .parse()
-                    .map_err(|_| AddressError::InvalidTransport("unix"))?
+                // The path as written: going through `unix:PATH` text would read a path that
+                // starts with `//` as `unix://…` URL syntax.
+                Endpoint::Unix(std::path::PathBuf::from(path))
             }
             _ => return Ok(None),
         };

@@ -224,6 +224,10 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp { host, port } => host_port(f, "jstp", host, *port),
             Endpoint::Tls { host, port } => host_port(f, "jstps", host, *port),
+            // A path starting with `//` needs the URL form, or `unix://…` would read it as one.
+            Endpoint::Unix(path) if path.to_string_lossy().starts_with("//") => {
+                write!(f, "unix://{}", path.display())
+            }
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
             Endpoint::Ws(url) | Endpoint::Wss(url) => f.write_str(url),
         }
