@@ -369,21 +369,8 @@ impl Driver {
                 },
                 cmd = self.cmd_rx.recv() => match cmd {
                     Some(Command::Close) | None => return Ok(()),
-                    Some(cmd) => {
-                        let mut r = self.on_command(cmd);
-                        // Batch whatever else is queued before writing.
-                        for _ in 0..BATCH {
-                            if r.is_err() {
-                                break;
-                            }
-                            match self.cmd_rx.try_recv() {
-                                Ok(Command::Close) => return Ok(()),
-                                Ok(cmd) => r = self.on_command(cmd),
-                                Err(_) => break,
-                            }
-                        }
-                        r
-                    }
+                    // Batch whatever else is queued before writing.
+                    Some(cmd) => self.on_command(cmd).and_then(|()| self.drain_commands(BATCH)),
                 },
                 Some(expired) = next_deadline(&mut self.deadlines) => {
                     self.on_deadline(expired.into_inner())
@@ -393,21 +380,15 @@ impl Driver {
                 transport = connected(&mut self.connecting) => self.on_connected(transport),
             };
             let step = step.and_then(|()| self.after_step());
+            match step {
+                Ok(()) => {}
+                Err(Stop::LinkLost(reason)) => self.on_link_lost(reason, handshake_reply)?,
+                Err(stop) => return Err(stop),
+            }
             self.conn
                 .shared
                 .flow
                 .update(self.session.as_ref(), self.attached());
-            match step {
-                Ok(()) => {}
-                Err(Stop::LinkLost(reason)) => {
-                    self.on_link_lost(reason, handshake_reply)?;
-                    self.conn
-                        .shared
-                        .flow
-                        .update(self.session.as_ref(), self.attached());
-                }
-                Err(stop) => return Err(stop),
-            }
         }
     }
 
@@ -764,7 +745,7 @@ impl Driver {
     /// written is lost with the transport, and the peer learns that as CALLBACK_LOST on
     /// restore.
     fn answer(&mut self, id: i64, result: MethodResult) -> Result<(), Stop> {
-        self.drain_commands()?;
+        self.drain_commands(usize::MAX)?;
         if self.can_write() {
             let result = match result {
                 // A Node peer cannot parse NaN or ±Infinity: answer 16 and say why here.
@@ -784,9 +765,12 @@ impl Driver {
         Ok(())
     }
 
-    /// Serves every command queued so far, in order; a close is noted for the loop.
-    fn drain_commands(&mut self) -> Result<(), Stop> {
-        while let Ok(cmd) = self.cmd_rx.try_recv() {
+    /// Serves up to `limit` commands queued so far, in order; a close is noted for the loop.
+    fn drain_commands(&mut self, limit: usize) -> Result<(), Stop> {
+        for _ in 0..limit {
+            let Ok(cmd) = self.cmd_rx.try_recv() else {
+                break;
+            };
             match cmd {
                 Command::Close => {
                     self.close_requested = true;
