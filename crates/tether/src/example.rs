@@ -182,16 +182,15 @@ impl ChatHub {
         args: Vec<Value>,
     ) -> impl std::future::Future<Output = usize> + Send + 'static {
         self.notify(iface, event, &args);
-        let server = self.server.get().cloned();
-        let queued = server
-            .as_ref()
-            .map(|s| s.queue_broadcast(iface, event, args))
-            .unwrap_or_default();
+        let queued = self
+            .server
+            .get()
+            .map(|s| s.broadcast_async(iface, event, args));
         async move {
-            for c in &queued {
-                c.wait_for_room().await;
+            match queued {
+                Some(wait) => wait.await,
+                None => 0,
             }
-            queued.len()
         }
     }
 

@@ -624,20 +624,24 @@ impl Server {
     /// order holds as for `broadcast`), then waits until each attached client holds less than
     /// a quarter of its resend bounds. A peer that stops reading is detached by its own
     /// connection (no pong within the call timeout), which ends the wait.
-    pub async fn broadcast_async(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
-        let queued = self.queue_broadcast(iface, event, args);
-        for c in &queued {
-            c.wait_for_room().await;
-        }
-        queued.len()
-    }
-
-    pub(crate) fn queue_broadcast(
+    ///
+    /// The event is queued when this is called, not when the future is first polled.
+    pub fn broadcast_async(
         &self,
         iface: &str,
         event: &str,
         args: Vec<Value>,
-    ) -> Vec<Connection> {
+    ) -> impl Future<Output = usize> + Send + 'static {
+        let queued = self.queue_broadcast(iface, event, args);
+        async move {
+            for c in &queued {
+                c.wait_for_room().await;
+            }
+            queued.len()
+        }
+    }
+
+    fn queue_broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> Vec<Connection> {
         let args = Value::Array(args);
         if let Err(e) = tether_wire::stringify(&args) {
             tracing::warn!(error = %e, iface, event, "broadcast refused");
