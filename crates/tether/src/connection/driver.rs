@@ -256,6 +256,24 @@ impl Driver {
         self.pending.insert(id, Pending { kind, key, timeout });
     }
 
+    /// The session's unconfirmed backlog, as an [`Error::SlowConsumer`] reports it.
+    fn slow_consumer(&self) -> Error {
+        let (bytes, messages) = self
+            .session
+            .as_ref()
+            .map_or((0, 0), |s| (s.buffered_bytes(), s.buffered_len()));
+        Error::SlowConsumer { bytes, messages }
+    }
+
+    /// Queues every still-unconfirmed message again, in order, after a restore.
+    fn resend_buffered(&mut self) {
+        if let (Some(session), Some(w)) = (self.session.as_ref(), self.writer.as_mut()) {
+            for m in session.buffered() {
+                w.push_buffered(m.id);
+            }
+        }
+    }
+
     fn forget_deadline(&mut self, key: &delay_queue::Key) {
         if let Some(q) = self.deadlines.as_mut() {
             q.remove(key);
@@ -448,13 +466,9 @@ impl Driver {
             // A ping of ours unanswered for a whole call timeout: the link is dead or the peer
             // does not read; either way the session is better off restored on a new one.
             PendingKind::Heartbeat if self.attached() => {
-                let (bytes, messages) = self
-                    .session
-                    .as_ref()
-                    .map_or((0, 0), |s| (s.buffered_bytes(), s.buffered_len()));
                 let reason = format!(
                     "{} and no pong within {:?}",
-                    Error::SlowConsumer { bytes, messages },
+                    self.slow_consumer(),
                     p.timeout
                 );
                 tracing::warn!(conn = self.conn.id(), %reason, "detaching the peer");
@@ -727,11 +741,7 @@ impl Driver {
     /// The session's buffer cannot take an event: the peer would miss it for good, so the
     /// session ends (and is not kept for a restore, which would be silently incomplete).
     fn overflow(&mut self) -> Result<(), Stop> {
-        let (bytes, messages) = self
-            .session
-            .as_ref()
-            .map_or((0, 0), |s| (s.buffered_bytes(), s.buffered_len()));
-        let reason = Error::SlowConsumer { bytes, messages };
+        let reason = self.slow_consumer();
         tracing::warn!(conn = self.conn.id(), %reason, "resend buffer full: session ended");
         self.emit_event(ConnectionEvent::Error {
             error: reason.to_string(),
@@ -798,16 +808,11 @@ impl Driver {
         };
         let response = session.restored_response();
         session.restore_in_place(peer_received);
-        let resend: Vec<i64> = session.buffered().map(|m| m.id).collect();
         let session_id = session.id().to_owned();
         let state = session.encode();
         self.phase = Phase::Open;
         self.write(&response);
-        if let Some(w) = self.writer.as_mut() {
-            for id in resend {
-                w.push_buffered(id);
-            }
-        }
+        self.resend_buffered();
         self.since_ack = (0, 0);
         self.fail_received_unanswered(peer_received);
         if self.session.as_ref().is_some_and(|s| s.buffered_len() > 0) {
@@ -1275,16 +1280,11 @@ impl Driver {
                     return Err(Stop::Gone(None));
                 };
                 session.restore_in_place(n);
-                let resend: Vec<i64> = session.buffered().map(|m| m.id).collect();
                 self.phase = Phase::Open;
                 self.timer = None;
                 self.failures = 0;
                 self.since_ack = (0, 0);
-                if let Some(w) = self.writer.as_mut() {
-                    for id in resend {
-                        w.push_buffered(id);
-                    }
-                }
+                self.resend_buffered();
                 self.fail_received_unanswered(n);
                 self.heartbeat = self.heartbeat_setting().map(heartbeat_interval);
                 self.emit_event(ConnectionEvent::Handshake {
