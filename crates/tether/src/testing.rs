@@ -25,10 +25,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// One forwarded connection: its task, and a second handle on each socket so a cut can shut
+/// both down at once, without waiting for the task to notice an abort.
+struct Link {
+    task: JoinHandle<()>,
+    sockets: [std::net::TcpStream; 2],
+}
+
+/// Another handle on `stream`'s socket (a duplicated descriptor): shutting it down shuts the
+/// socket down for every handle.
+fn second_handle(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
+    let std = stream.into_std()?;
+    let other = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, other))
+}
+
 /// A loopback TCP proxy whose links can be cut on demand.
 pub struct CutProxy {
     addr: SocketAddr,
-    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    links: Arc<Mutex<Vec<Link>>>,
     live: Arc<watch::Sender<usize>>,
     accepted: Arc<AtomicU64>,
     accept_task: JoinHandle<()>,
@@ -47,7 +62,7 @@ impl CutProxy {
     pub async fn start(target: SocketAddr) -> std::io::Result<CutProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let links: Arc<Mutex<Vec<Link>>> = Arc::default();
         let live = Arc::new(watch::Sender::new(0usize));
         let accepted = Arc::new(AtomicU64::new(0));
         let accept_task = {
@@ -55,12 +70,17 @@ impl CutProxy {
             let live = live.clone();
             let accepted = accepted.clone();
             tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
                         continue;
                     };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
+                    let (Ok((mut inbound, in_handle)), Ok((mut outbound, out_handle))) =
+                        (second_handle(inbound), second_handle(outbound))
+                    else {
+                        continue;
+                    };
                     accepted.fetch_add(1, Ordering::Relaxed);
                     let live_link = live.clone();
                     let task = tokio::spawn(async move {
@@ -68,8 +88,11 @@ impl CutProxy {
                         live_link.send_modify(|n| *n = n.saturating_sub(1));
                     });
                     let mut links = links.lock().unwrap_or_else(|e| e.into_inner());
-                    links.retain(|t| !t.is_finished());
-                    links.push(task);
+                    links.retain(|l| !l.task.is_finished());
+                    links.push(Link {
+                        task,
+                        sockets: [in_handle, out_handle],
+                    });
                     live.send_modify(|n| *n += 1);
                 }
             })
@@ -99,8 +122,9 @@ impl CutProxy {
         let _ = rx.wait_for(|live| *live >= n).await;
     }
 
-    /// Drops every current link at once (both sockets close); returns how many were cut.
-    /// New connections are still accepted.
+    /// Drops every current link at once (both sockets are shut down before this returns, so
+    /// nothing written after it is forwarded); returns how many were cut. New connections are
+    /// still accepted.
     pub fn cut(&self) -> usize {
         let links: Vec<_> = self
             .links
@@ -110,10 +134,13 @@ impl CutProxy {
             .collect();
         let mut cut = 0;
         for link in links {
-            if !link.is_finished() {
+            if !link.task.is_finished() {
                 cut += 1;
             }
-            link.abort();
+            for socket in &link.sockets {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+            link.task.abort();
         }
         self.live.send_modify(|n| *n = n.saturating_sub(cut));
         cut
