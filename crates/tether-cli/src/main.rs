@@ -5,17 +5,17 @@ mod bench;
 mod hub;
 mod json;
 mod load;
+mod serve;
+mod signals;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use serve::ServeArgs;
+use signals::StopSignals;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tether::example::{test_app, ChatHub};
-use tether::transport::{server_config, ListenerOptions};
-use tether::{
-    connect, ClientOptions, ConnectionEvent, Endpoint, Error, LoginPolicy, Server, ServerEvent,
-};
+use tether::{connect, ClientOptions, ConnectionEvent, Error};
 
 /// Connections that survive: JSTP server and client.
 #[derive(Parser, Debug)]
@@ -66,61 +66,6 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Connect to many peers and print the hub's table and events as JSON lines (or a table).
     Hub(hub::HubArgs),
-}
-
-#[derive(Args, Debug)]
-struct ServeArgs {
-    /// TCP listener address (repeatable), e.g. 127.0.0.1:3000.
-    #[arg(long, value_name = "ADDR")]
-    tcp: Vec<String>,
-    /// TLS listener address (repeatable); needs --cert and --key.
-    #[arg(long, value_name = "ADDR")]
-    tls: Vec<String>,
-    /// Unix socket path (repeatable).
-    #[arg(long, value_name = "PATH")]
-    unix: Vec<PathBuf>,
-    /// WebSocket listener address (repeatable).
-    #[arg(long, value_name = "ADDR")]
-    ws: Vec<String>,
-    /// Holochain conductor-protocol WebSocket listener address (repeatable): the example app's
-    /// requests `answer`, `divide`, `say_hi` and a signal per chat message.
-    #[arg(long, value_name = "ADDR")]
-    conductor: Vec<String>,
-    /// Secure WebSocket listener address (repeatable); needs --cert and --key.
-    #[arg(long, value_name = "ADDR")]
-    wss: Vec<String>,
-    /// PEM certificate chain for --tls and --wss.
-    #[arg(long, value_name = "FILE", requires = "key")]
-    cert: Option<PathBuf>,
-    /// PEM private key for --tls and --wss.
-    #[arg(long, value_name = "FILE", requires = "cert")]
-    key: Option<PathBuf>,
-    /// A user for the `login` strategy, NAME:PASSWORD (repeatable). Without any, only
-    /// anonymous handshakes succeed.
-    #[arg(long, value_name = "NAME:PASSWORD", value_parser = parse_user)]
-    user: Vec<(String, String)>,
-    /// Ping every client this often (milliseconds).
-    #[arg(long, value_name = "MS")]
-    heartbeat: Option<u64>,
-    /// Close connections that have not completed a handshake within this time (milliseconds).
-    #[arg(long, value_name = "MS", default_value_t = 3000)]
-    handshake_timeout: u64,
-    /// Where sessions of disconnected clients are kept: `memory` (default), a file path for
-    /// an embedded database that survives restarts, or `redis://HOST:PORT` to share sessions
-    /// between several `tether serve` processes.
-    #[arg(
-        long,
-        value_name = "memory|PATH|redis://HOST:PORT",
-        default_value = "memory"
-    )]
-    store: String,
-    /// How long a disconnected client's session stays live in memory (milliseconds) before
-    /// it lives on only in the store.
-    #[arg(long, value_name = "MS", default_value_t = 3_600_000)]
-    client_expiration: u64,
-    /// Largest message accepted, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = tether_wire::DEFAULT_MAX_MESSAGE_SIZE)]
-    max_message_size: usize,
 }
 
 /// Where and how a client command connects.
@@ -224,7 +169,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve::serve(args).await,
         Command::Call {
             target,
             iface,
@@ -287,188 +232,6 @@ async fn run(command: Command) -> Result<(), Failure> {
                 Error::InvalidArgument(msg) => Failure::Usage(msg),
                 other => Failure::Runtime(other),
             })
-        }
-    }
-}
-
-async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let mut endpoints: Vec<(&str, Endpoint)> = Vec::new();
-    let add = |endpoints: &mut Vec<(&str, Endpoint)>, kind: &'static str, url: String| {
-        let endpoint = url
-            .parse::<Endpoint>()
-            .map_err(|e| Failure::Usage(format!("--{kind} {url}: {e}")))?;
-        endpoints.push((kind, endpoint));
-        Ok::<(), Failure>(())
-    };
-    for a in &args.tcp {
-        add(&mut endpoints, "tcp", format!("jstp://{a}"))?;
-    }
-    for a in &args.tls {
-        add(&mut endpoints, "tls", format!("jstps://{a}"))?;
-    }
-    for p in &args.unix {
-        add(&mut endpoints, "unix", format!("unix:{}", p.display()))?;
-    }
-    for a in &args.ws {
-        add(&mut endpoints, "ws", format!("ws://{a}"))?;
-    }
-    for a in &args.wss {
-        add(&mut endpoints, "wss", format!("wss://{a}"))?;
-    }
-    if endpoints.is_empty() && args.conductor.is_empty() {
-        add(&mut endpoints, "tcp", "jstp://127.0.0.1:3000".into())?;
-        add(&mut endpoints, "ws", "ws://127.0.0.1:8080".into())?;
-    }
-
-    let mut listener = ListenerOptions::default().with_max_message_size(args.max_message_size);
-    if !args.tls.is_empty() || !args.wss.is_empty() {
-        let (Some(cert), Some(key)) = (&args.cert, &args.key) else {
-            return Err(Failure::Usage(
-                "--tls and --wss need --cert FILE and --key FILE".into(),
-            ));
-        };
-        let tls = server_config(cert, key)
-            .map_err(|e| Failure::Usage(format!("cannot load --cert/--key: {e}")))?;
-        listener = listener.with_tls(tls);
-    }
-
-    let store = tether::store::open(&args.store)
-        .await
-        .map_err(|e| Failure::Usage(format!("--store {}: {e}", args.store)))?;
-    let chat = ChatHub::new();
-    let mut builder = Server::builder()
-        .application(test_app(chat.clone()))
-        .session_store(store)
-        .client_expiration_time(Duration::from_millis(args.client_expiration))
-        .handshake_timeout(Duration::from_millis(args.handshake_timeout))
-        .listener_options(listener);
-    if let Some(ms) = args.heartbeat {
-        if ms == 0 {
-            return Err(Failure::Usage("--heartbeat must be at least 1 ms".into()));
-        }
-        builder = builder.heartbeat_interval(Duration::from_millis(ms));
-    }
-    if !args.user.is_empty() {
-        let policy = args
-            .user
-            .iter()
-            .fold(LoginPolicy::new(), |p, (u, pw)| p.user(u, pw));
-        builder = builder.auth_policy(policy);
-    }
-    let server = builder.build()?;
-    chat.bind(&server);
-
-    let mut log_events = server.events();
-    tokio::spawn(async move {
-        while let Ok(event) = log_events.recv().await {
-            log_server_event(&event);
-        }
-    });
-
-    let stop = StopSignals::install()
-        .map_err(|e| Failure::Runtime(Error::Transport(tether::TransportError::Io(e))))?;
-    let mut ready = serde_json::Map::new();
-    ready.insert("ready".into(), json!(true));
-    if !args.conductor.is_empty() {
-        let conductor = tether::example::conductor_server(&chat);
-        for addr in &args.conductor {
-            let bound = conductor
-                .listen(addr)
-                .await
-                .map_err(|e| Failure::Usage(format!("--conductor {addr}: {e}")))?;
-            tracing::info!(%bound, "conductor listening");
-            ready
-                .entry("conductor")
-                .or_insert_with(|| json!([]))
-                .as_array_mut()
-                .expect("listener entries are arrays")
-                .push(json!(bound));
-        }
-    }
-    for (kind, endpoint) in endpoints {
-        let addr = server.listen(endpoint.clone()).await?;
-        tracing::info!(%endpoint, %addr, "listening");
-        ready
-            .entry(kind)
-            .or_insert_with(|| json!([]))
-            .as_array_mut()
-            .expect("listener entries are arrays")
-            .push(json!(addr));
-    }
-    println!("{}", serde_json::Value::Object(ready));
-
-    stop.wait().await;
-    tracing::info!("shutting down");
-    server.shutdown().await;
-    Ok(())
-}
-
-fn log_server_event(event: &ServerEvent) {
-    match event {
-        ServerEvent::Connect(c) => tracing::info!(
-            id = c.id(),
-            remote = ?c.remote_addr(),
-            user = ?c.username(),
-            "client connected"
-        ),
-        ServerEvent::Disconnect(c) => tracing::info!(id = c.id(), "client disconnected"),
-        ServerEvent::Reconnect(c) => tracing::info!(
-            id = c.id(),
-            remote = ?c.remote_addr(),
-            session = ?c.session_tag(),
-            "client restored its session"
-        ),
-        ServerEvent::RestoreSession(_) => {}
-        ServerEvent::HandshakeRequest {
-            connection,
-            app,
-            strategy,
-        } => tracing::debug!(id = connection.id(), %app, %strategy, "handshake request"),
-        ServerEvent::HandshakeTimeout(c) => {
-            tracing::warn!(id = c.id(), remote = ?c.remote_addr(), "handshake timeout")
-        }
-        ServerEvent::ConnectionError { connection, error } => tracing::warn!(
-            id = ?connection.as_ref().map(|c| c.id()),
-            %error,
-            "connection error"
-        ),
-    }
-}
-
-/// Ctrl-C, or SIGTERM on Unix. Created before the ready line is printed, so a signal sent
-/// right after it is never missed.
-struct StopSignals {
-    #[cfg(unix)]
-    signals: Vec<tokio::signal::unix::Signal>,
-}
-
-impl StopSignals {
-    fn install() -> std::io::Result<StopSignals> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            Ok(StopSignals {
-                signals: vec![
-                    signal(SignalKind::interrupt())?,
-                    signal(SignalKind::terminate())?,
-                ],
-            })
-        }
-        #[cfg(not(unix))]
-        {
-            Ok(StopSignals {})
-        }
-    }
-
-    async fn wait(mut self) {
-        #[cfg(unix)]
-        {
-            let waits = self.signals.iter_mut().map(|s| Box::pin(s.recv()));
-            futures::future::select_all(waits).await;
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
