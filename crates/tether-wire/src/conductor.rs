@@ -24,6 +24,7 @@ use thiserror::Error;
 
 /// Why a frame is not a valid envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum WireError {
     /// Not MessagePack, or trailing bytes after the value.
     #[error("not a MessagePack value: {0}")]
@@ -40,9 +41,119 @@ pub enum WireError {
     /// `data` is missing or not binary.
     #[error("{0} without binary data")]
     MissingData(&'static str),
-    /// A payload inside `data` is not MessagePack.
-    #[error("payload is not MessagePack: {0}")]
+    /// A payload inside `data` is not MessagePack, or not a `{type, value|data}` map.
+    #[error("bad payload: {0}")]
     BadPayload(String),
+    /// Decoding would cost more memory than [`decode_budget`] allows for its size (many tiny
+    /// values: each decoded value takes `size_of::<Value>()` bytes whatever its encoded size).
+    /// Refused before anything is built.
+    #[error(
+        "decoding would take about {cost} bytes, over the budget of {budget} for this message"
+    )]
+    TooCostly {
+        /// The estimated memory of the decoded value, in bytes.
+        cost: usize,
+        /// The budget for a message of this size ([`decode_budget`]).
+        budget: usize,
+    },
+}
+
+/// Memory a decoded value may take per encoded byte (see [`decode_budget`]).
+pub const DECODE_BUDGET_FACTOR: usize = 4;
+
+/// Memory any message may take when decoded, whatever its size (see [`decode_budget`]); lets
+/// small messages of tiny values through (an `authenticate` token is an array of integers).
+pub const DECODE_BUDGET_FLOOR: usize = 64 * 1024;
+
+/// Most memory [`from_bytes`] lets a message of `len` bytes take once decoded:
+/// `DECODE_BUDGET_FACTOR × len + DECODE_BUDGET_FLOOR` (4 × len + 64 KiB). The estimate counts
+/// `size_of::<Value>()` per value plus the bytes of strings, binaries and extensions; growing
+/// vectors may briefly hold up to twice that. Without it 16 MiB of MessagePack nils (one byte
+/// each) would decode into 16 M values of 32 bytes and more (issue 17's probe measured 40×).
+pub fn decode_budget(len: usize) -> usize {
+    len.saturating_mul(DECODE_BUDGET_FACTOR)
+        .saturating_add(DECODE_BUDGET_FLOOR)
+}
+
+/// The memory decoding `bytes` would take (values and their heap bytes), computed by walking
+/// the encoding without building anything; stops early once over `budget`. Errors on truncated
+/// input or nesting deeper than `max_depth`.
+fn decode_cost(bytes: &[u8], max_depth: usize, budget: usize) -> Result<usize, WireError> {
+    let value_size = std::mem::size_of::<Value>();
+    let truncated = || WireError::NotMsgpack("truncated MessagePack".into());
+    let mut pos = 0usize;
+    let mut cost = 0usize;
+    // Values still to read in each open container; the outermost "container" holds one value.
+    let mut pending: Vec<u64> = vec![1];
+    let read = |pos: &mut usize, n: usize| -> Result<u64, WireError> {
+        let end = pos
+            .checked_add(n)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(truncated)?;
+        let v = bytes[*pos..end]
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        *pos = end;
+        Ok(v)
+    };
+    while let Some(left) = pending.last_mut() {
+        if *left == 0 {
+            pending.pop();
+            continue;
+        }
+        *left -= 1;
+        let marker = *bytes.get(pos).ok_or_else(truncated)?;
+        pos += 1;
+        cost = cost.saturating_add(value_size);
+        // (heap bytes to skip, child values to read)
+        let (skip, children): (u64, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
+            0xc4 | 0xd9 => (read(&mut pos, 1)?, 0),
+            0xc5 | 0xda => (read(&mut pos, 2)?, 0),
+            0xc6 | 0xdb => (read(&mut pos, 4)?, 0),
+            0xc7 => (read(&mut pos, 1)? + 1, 0),
+            0xc8 => (read(&mut pos, 2)? + 1, 0),
+            0xc9 => (read(&mut pos, 4)? + 1, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xca | 0xce | 0xd2 => (4, 0),
+            0xcb | 0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (0, read(&mut pos, 2)?),
+            0xdd => (0, read(&mut pos, 4)?),
+            0xde => (0, 2 * read(&mut pos, 2)?),
+            0xdf => (0, 2 * read(&mut pos, 4)?),
+            0xc1 => return Err(WireError::NotMsgpack("reserved marker 0xc1".into())),
+        };
+        // Fixed-size scalars live inside the value; strings, binaries and extensions own a
+        // heap buffer of their length.
+        let heap = matches!(marker, 0xa0..=0xbf | 0xc4..=0xc9 | 0xd4..=0xd9 | 0xda | 0xdb);
+        let skip = usize::try_from(skip).map_err(|_| truncated())?;
+        if heap {
+            cost = cost.saturating_add(skip);
+        }
+        pos = pos
+            .checked_add(skip)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(truncated)?;
+        if cost > budget {
+            return Err(WireError::TooCostly { cost, budget });
+        }
+        if children > 0 {
+            if pending.len() > max_depth {
+                return Err(WireError::NotMsgpack("nested too deeply".into()));
+            }
+            pending.push(children);
+        }
+    }
+    Ok(cost)
 }
 
 /// One envelope.
@@ -78,7 +189,11 @@ pub fn to_bytes(value: &Value) -> Vec<u8> {
 }
 
 /// Decodes exactly one MessagePack value from `bytes`.
+///
+/// Refuses, before building anything, a message whose decoded form would take more than
+/// [`decode_budget`] bytes ([`WireError::TooCostly`]).
 pub fn from_bytes(bytes: &[u8]) -> Result<Value, WireError> {
+    decode_cost(bytes, 256, decode_budget(bytes.len()))?;
     let mut cursor = bytes;
     let value = rmpv::decode::read_value_with_max_depth(&mut cursor, 256)
         .map_err(|e| WireError::NotMsgpack(e.to_string()))?;
@@ -185,6 +300,18 @@ impl Dialect {
     }
 }
 
+impl Dialect {
+    /// A system signal's payload: `{type: "system", value: signal}` (0.5+) or `{System:
+    /// signal}` (0.1–0.4), where `signal` is itself tagged as the conductor's `SystemSignal`
+    /// is (for example `{type: "successful_countersigning", value: <entry hash>}`).
+    pub fn system_signal(self, signal: Value) -> Vec<u8> {
+        match self {
+            Dialect::Value => self.payload("system", signal),
+            Dialect::Data => to_bytes(&Value::Map(vec![("System".into(), signal)])),
+        }
+    }
+}
+
 /// A cell: the DNA hash and the agent key, 39 bytes each on a real conductor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CellId {
@@ -209,7 +336,10 @@ impl Payload {
     /// Reads `{type, value}`, `{type, data}` or `{type}`, with `type` a string or in map form
     /// (`{answer: null}`, as rmp-serde writes externally tagged unit variants).
     pub fn decode(bytes: &[u8]) -> Result<Payload, WireError> {
-        let value = from_bytes(bytes).map_err(|e| WireError::BadPayload(e.to_string()))?;
+        let value = from_bytes(bytes).map_err(|e| match e {
+            e @ WireError::TooCostly { .. } => e,
+            e => WireError::BadPayload(format!("not MessagePack: {e}")),
+        })?;
         Payload::from_value(value)
     }
 
@@ -578,5 +708,90 @@ mod tests {
         assert_eq!(body[2], ("signal".into(), Value::Binary(to_bytes(&signal))));
         let old = from_bytes(&Dialect::Data.app_signal(&cell, "chat", &signal)).unwrap();
         assert_eq!(old, Value::Map(vec![("App".into(), Value::Map(body))]));
+    }
+
+    /// 16 MiB of nils (issue 17's probe) is refused before it is built; the same bytes as one
+    /// binary pass; small messages of tiny values pass under the floor.
+    #[test]
+    fn decoding_is_refused_over_its_memory_budget() {
+        let n = 16 << 20;
+        let mut nils = vec![0xdd];
+        nils.extend_from_slice(&(n as u32).to_be_bytes());
+        nils.resize(5 + n, 0xc0);
+        match from_bytes(&nils) {
+            Err(WireError::TooCostly { cost, budget }) => {
+                assert_eq!(budget, decode_budget(nils.len()));
+                assert!(cost > budget, "{cost} <= {budget}");
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        match Payload::decode(&nils) {
+            Err(WireError::TooCostly { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut bin = vec![0xc6];
+        bin.extend_from_slice(&(n as u32).to_be_bytes());
+        bin.resize(5 + n, 0xc0);
+        assert_eq!(
+            from_bytes(&bin).unwrap().as_slice().map(<[u8]>::len),
+            Some(n)
+        );
+        let token = authenticate_payload(&[7; 1024]);
+        assert_eq!(authenticate_token(&token).unwrap(), vec![7; 1024]);
+    }
+
+    /// The walk agrees with the decoder on what is truncated, and counts every kind of marker.
+    #[test]
+    fn the_cost_walk_covers_every_marker() {
+        let value = Value::Map(vec![
+            ("s".into(), "x".repeat(300).into()),
+            ("b".into(), Value::Binary(vec![1; 70_000])),
+            (
+                "i".into(),
+                Value::Array(vec![
+                    (-1).into(),
+                    300.into(),
+                    (-40_000).into(),
+                    u64::MAX.into(),
+                ]),
+            ),
+            (
+                "f".into(),
+                Value::Array(vec![
+                    Value::F32(1.5),
+                    Value::F64(2.5),
+                    true.into(),
+                    Value::Nil,
+                ]),
+            ),
+            (
+                "e".into(),
+                Value::Array((0..20).map(|n| Value::Ext(3, vec![0; n])).collect()),
+            ),
+            (
+                "m".into(),
+                Value::Map((0..20).map(|n| (n.into(), n.into())).collect()),
+            ),
+        ]);
+        let bytes = to_bytes(&value);
+        assert_eq!(from_bytes(&bytes).unwrap(), value);
+        for cut in [1, 10, 400, bytes.len() - 1] {
+            assert!(from_bytes(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let cost = decode_cost(&bytes, 256, usize::MAX).unwrap();
+        assert!(cost >= 70_300, "{cost}");
+        assert!(cost <= 4 * bytes.len(), "{cost} for {} bytes", bytes.len());
+        // A declared length far past the end is an error, not an allocation.
+        assert!(from_bytes(&[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(from_bytes(&[0xc6, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn system_signals_in_both_dialects() {
+        let inner = Value::Map(vec![("type".into(), "restore_complete".into())]);
+        let latest = from_bytes(&Dialect::Value.system_signal(inner.clone())).unwrap();
+        assert_eq!(latest, Dialect::Value.tagged("system", inner.clone()));
+        let older = from_bytes(&Dialect::Data.system_signal(inner.clone())).unwrap();
+        assert_eq!(older, Value::Map(vec![("System".into(), inner)]));
     }
 }
