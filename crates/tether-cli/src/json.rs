@@ -17,6 +17,8 @@ pub fn to_json(value: &Value) -> Json {
             }
         }
         Value::String(s) => Json::String(s.clone()),
+        // serde_json strings are UTF-8: lone surrogates become U+FFFD.
+        Value::Utf16(_) => Json::String(value.to_js_string()),
         Value::Array(items) => Json::Array(items.iter().map(to_json).collect()),
         Value::Object(obj) => Json::Object(
             obj.iter()

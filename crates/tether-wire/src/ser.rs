@@ -64,6 +64,7 @@ pub fn write_value(value: &Value, out: &mut String) {
         Value::Bool(false) => out.push_str("false"),
         Value::Number(n) => write_number(*n, out),
         Value::String(s) => write_string_literal(s, out),
+        Value::Utf16(units) => write_utf16_literal(units, out),
         Value::Array(items) => write_array(items, out),
         Value::Object(obj) => write_object(obj, out),
     }
@@ -163,6 +164,12 @@ pub fn array_index(key: &str) -> Option<u32> {
 pub fn write_string_literal(s: &str, out: &mut String) {
     out.reserve(s.len() + 2);
     out.push('\'');
+    write_escaped(s, out);
+    out.push('\'');
+}
+
+/// The body of a string literal: `s` with the escapes [`write_string_literal`] lists.
+fn write_escaped(s: &str, out: &mut String) {
     let bytes = s.as_bytes();
     let mut run_start = 0;
     for (i, &b) in bytes.iter().enumerate() {
@@ -191,6 +198,25 @@ pub fn write_string_literal(s: &str, out: &mut String) {
         run_start = i + 1;
     }
     out.push_str(&s[run_start..]);
+}
+
+/// Appends UTF-16 code units as a quoted string literal: well-formed runs as
+/// [`write_string_literal`] writes them, each unpaired surrogate as a `\uXXXX` escape (what
+/// `JSON.stringify` writes for one), so a peer parses back the same code units.
+pub fn write_utf16_literal(units: &[u16], out: &mut String) {
+    out.push('\'');
+    let mut run = String::new();
+    for unit in char::decode_utf16(units.iter().copied()) {
+        match unit {
+            Ok(c) => run.push(c),
+            Err(e) => {
+                write_escaped(&run, out);
+                run.clear();
+                out.push_str(&format!("\\u{:04x}", e.unpaired_surrogate()));
+            }
+        }
+    }
+    write_escaped(&run, out);
     out.push('\'');
 }
 

@@ -293,6 +293,7 @@ fn describe(v: &Value) -> String {
         Value::Bool(b) => format!("boolean `{b}`"),
         Value::Number(_) => format!("number `{}`", v.to_js_string()),
         Value::String(s) => format!("string {s:?}"),
+        Value::Utf16(_) => format!("string {:?} (with lone surrogates)", v.to_js_string()),
         Value::Array(a) => format!("an array of {}", a.len()),
         Value::Object(_) => "an object".into(),
     }
@@ -305,6 +306,7 @@ fn unexpected(v: &Value) -> Unexpected<'_> {
         Value::Bool(b) => Unexpected::Bool(*b),
         Value::Number(n) => Unexpected::Float(*n),
         Value::String(s) => Unexpected::Str(s),
+        Value::Utf16(_) => Unexpected::Other("a string with lone surrogates"),
         Value::Array(_) => Unexpected::Seq,
         Value::Object(_) => Unexpected::Map,
     }
@@ -665,6 +667,8 @@ impl Serialize for Value {
                 None => s.serialize_f64(*n),
             },
             Value::String(v) => s.serialize_str(v),
+            // serde's strings are UTF-8: lone surrogates become U+FFFD.
+            Value::Utf16(_) => s.serialize_str(&self.to_js_string()),
             Value::Array(items) => s.collect_seq(items),
             Value::Object(o) => s.collect_map(o.iter()),
         }
@@ -799,6 +803,8 @@ impl<'de> Deserializer<'de> for Value {
                 None => visitor.visit_f64(n),
             },
             Value::String(s) => visitor.visit_string(s),
+            // serde's strings are UTF-8: lone surrogates become U+FFFD.
+            Value::Utf16(units) => visitor.visit_string(String::from_utf16_lossy(&units)),
             Value::Array(items) => visit_array(items, visitor),
             Value::Object(o) => visit_object(o, visitor),
         }

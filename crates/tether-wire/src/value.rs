@@ -19,6 +19,13 @@ pub enum Value {
     Number(f64),
     /// A string.
     String(String),
+    /// A string holding at least one unpaired UTF-16 surrogate (`'\ud800x'`), as UTF-16 code
+    /// units. JS strings are UTF-16 and may hold lone surrogates, which a Rust `String` cannot;
+    /// keeping them here lets such a string round-trip exactly, as it does through
+    /// `@metarhia/jstp`. The parser produces this only for such strings (every well-formed
+    /// string is a [`Value::String`]); build one with [`Value::from_utf16`], which keeps the
+    /// same rule.
+    Utf16(Vec<u16>),
     /// An array; may contain `Undefined` holes.
     Array(Vec<Value>),
     /// An object, with its properties in wire order.
@@ -80,7 +87,17 @@ impl FromIterator<(String, Value)> for Object {
 }
 
 impl Value {
-    /// The string, if this is a string.
+    /// A string from UTF-16 code units: a [`Value::String`] when they are well-formed, else a
+    /// [`Value::Utf16`] keeping the lone surrogates.
+    pub fn from_utf16(units: &[u16]) -> Value {
+        match String::from_utf16(units) {
+            Ok(s) => Value::String(s),
+            Err(_) => Value::Utf16(units.to_vec()),
+        }
+    }
+
+    /// The string, if this is a string of valid Unicode ([`Value::Utf16`] gives `None`; use
+    /// [`Value::to_js_string`] for a lossy form).
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -132,6 +149,7 @@ impl Value {
             Value::Bool(b) => *b,
             Value::Number(n) => *n != 0.0 && !n.is_nan(),
             Value::String(s) => !s.is_empty(),
+            Value::Utf16(units) => !units.is_empty(),
             Value::Array(_) | Value::Object(_) => true,
         }
     }
@@ -150,6 +168,8 @@ impl Value {
                 out
             }
             Value::String(s) => s.clone(),
+            // A Rust string cannot hold the lone surrogates: they become U+FFFD here.
+            Value::Utf16(units) => String::from_utf16_lossy(units),
             Value::Array(items) => items
                 .iter()
                 .map(|v| match v {
@@ -172,7 +192,7 @@ impl Value {
             Value::Bool(b) => f64::from(u8::from(*b)),
             Value::Number(n) => *n,
             Value::String(s) => js_string_to_number(s),
-            Value::Array(_) => js_string_to_number(&self.to_js_string()),
+            Value::Utf16(_) | Value::Array(_) => js_string_to_number(&self.to_js_string()),
         }
     }
 

@@ -11,6 +11,8 @@ fn conductor_value(v: &Value) -> crate::conductor::Value {
         Value::Number(n) if n.fract() == 0.0 && n.abs() < 9.007e15 => M::from(*n as i64),
         Value::Number(n) => M::from(*n),
         Value::String(s) => M::from(s.as_str()),
+        // msgpack strings are UTF-8: lone surrogates become U+FFFD.
+        Value::Utf16(_) => M::from(v.to_js_string()),
         Value::Array(a) => M::Array(a.iter().map(conductor_value).collect()),
         Value::Object(o) => M::Map(
             o.iter()
