@@ -60,6 +60,13 @@ pub(crate) struct ServeArgs {
     /// it lives on only in the store.
     #[arg(long, value_name = "MS", default_value_t = 3_600_000)]
     client_expiration: u64,
+    /// Join a cluster through this Redis: every broadcast (the example's chat) also reaches
+    /// the clients of every other `tether serve --cluster` node on it. Default: no cluster.
+    #[arg(long, value_name = "redis://HOST:PORT")]
+    cluster: Option<String>,
+    /// This node's id in the cluster's logs and stream. Default: host name and process id.
+    #[arg(long, value_name = "ID", requires = "cluster")]
+    node_id: Option<String>,
     /// Largest message accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = tether_wire::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
@@ -128,6 +135,18 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
             .iter()
             .fold(LoginPolicy::new(), |p, (u, pw)| p.user(u, pw));
         builder = builder.auth_policy(policy);
+    }
+    if let Some(url) = &args.cluster {
+        let mut options = tether::cluster::ClusterOptions::builder(url.as_str());
+        if let Some(id) = &args.node_id {
+            options = options.node_id(id.as_str());
+        }
+        let usage =
+            |e: tether::cluster::ClusterError| Failure::Usage(format!("--cluster {url}: {e}"));
+        let cluster = tether::cluster::Cluster::join(options.build().map_err(usage)?)
+            .await
+            .map_err(usage)?;
+        builder = builder.cluster(cluster);
     }
     let server = builder.build()?;
     chat.bind(&server);

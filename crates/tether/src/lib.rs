@@ -35,6 +35,7 @@
 
 pub mod app;
 pub mod client;
+pub mod cluster;
 pub mod conductor;
 pub mod connection;
 pub mod error;

@@ -153,6 +153,7 @@ pub struct ServerBuilder {
     event_capacity: usize,
     store: Option<Arc<dyn SessionStore>>,
     client_expiration: Duration,
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Default for ServerBuilder {
@@ -167,6 +168,7 @@ impl Default for ServerBuilder {
             event_capacity: 1024,
             store: None,
             client_expiration: Duration::from_secs(3600),
+            cluster: None,
         }
     }
 }
@@ -226,6 +228,14 @@ impl ServerBuilder {
         self
     }
 
+    /// Joins a cluster of nodes: every broadcast also reaches the clients of the other nodes,
+    /// and theirs reach this node's clients (see [`crate::cluster`]). Default: none, broadcasts
+    /// stay on this node.
+    pub fn cluster(mut self, cluster: crate::cluster::Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
     /// Settings for listeners (TLS, message size limit).
     pub fn listener_options(mut self, options: ListenerOptions) -> Self {
         self.listener = options;
@@ -239,8 +249,9 @@ impl ServerBuilder {
         }
         let (events, _) = broadcast::channel(self.event_capacity.max(1));
         let (shutdown_tx, _) = watch::channel(false);
-        Ok(Server {
+        Ok(with_cluster(Server {
             inner: Arc::new(Inner {
+                cluster: self.cluster,
                 apps: RwLock::new(self.apps),
                 auth: self.auth,
                 handshake_timeout: self.handshake_timeout,
@@ -255,7 +266,7 @@ impl ServerBuilder {
                 events,
                 shutdown: shutdown_tx,
             }),
-        })
+        }))
     }
 }
 
@@ -278,6 +289,8 @@ struct Inner {
     client_expiration: Duration,
     events: broadcast::Sender<ServerEvent>,
     shutdown: watch::Sender<bool>,
+    /// The cluster this node joined: broadcasts are published there too.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The most recently discarded session ids, at most [`Tombstones::MAX`] (the oldest go first;
@@ -611,11 +624,12 @@ impl Server {
     }
 
     /// Sends `iface.event(args)` to every client, connected or detached (a detached session
-    /// keeps it for its restore), encoding it once; returns how many it was queued for.
+    /// keeps it for its restore), encoding it once; returns how many it was queued for here.
     /// Never waits and never skips a client silently: a client whose session cannot take the
     /// event is ended with [`Error::SlowConsumer`] (logged), see
     /// [`ConnectionConfig::session`](crate::ConnectionConfig::session). Events broadcast in
-    /// turn reach each client in that order.
+    /// turn reach each client in that order. In a [cluster](ServerBuilder::cluster) the event
+    /// is also published for the other nodes' clients (the count is this node's only).
     pub fn broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
         self.queue_broadcast(iface, event, args).len()
     }
@@ -633,21 +647,27 @@ impl Server {
         args: Vec<Value>,
     ) -> impl Future<Output = usize> + Send + 'static {
         let queued = self.queue_broadcast(iface, event, args);
-        async move {
-            for c in &queued {
-                c.wait_for_room().await;
-            }
-            queued.len()
-        }
+        wait_for_room(queued)
     }
 
     fn queue_broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> Vec<Connection> {
         let args = Value::Array(args);
-        if let Err(e) = tether_wire::stringify(&args) {
-            tracing::warn!(error = %e, iface, event, "broadcast refused");
-            return Vec::new();
+        let text = match tether_wire::stringify(&args) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(error = %e, iface, event, "broadcast refused");
+                return Vec::new();
+            }
+        };
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.publish(iface, event, text);
         }
-        let prepared = PreparedEvent::new(iface, event, &args);
+        self.queue_local(iface, event, &args)
+    }
+
+    /// Queues an event for this node's clients only (`args` a JSTP array known to encode).
+    fn queue_local(&self, iface: &str, event: &str, args: &Value) -> Vec<Connection> {
+        let prepared = PreparedEvent::new(iface, event, args);
         self.sessions()
             .into_iter()
             .filter(|c| match c.emit_prepared(prepared.clone()) {
@@ -677,4 +697,30 @@ impl Server {
         let all: Vec<Connection> = lock(&self.inner.all).values().cloned().collect();
         futures::future::join_all(all.iter().map(Connection::close)).await;
     }
+}
+
+/// Waits until each of `queued` has room again; returns how many there were.
+async fn wait_for_room(queued: Vec<Connection>) -> usize {
+    for c in &queued {
+        c.wait_for_room().await;
+    }
+    queued.len()
+}
+
+/// Points the server's cluster, if it joined one, at its clients: events from other nodes go
+/// to them as a local `broadcast_async` would (queued at once, then waiting for room, so a
+/// slow node reads the stream more slowly rather than buffering). The server is held weakly:
+/// the cluster's tasks end with the server.
+fn with_cluster(server: Server) -> Server {
+    if let Some(cluster) = &server.inner.cluster {
+        let weak = Arc::downgrade(&server.inner);
+        cluster.attach(Arc::new(move |iface: &str, event: &str, args: Value| {
+            let queued = match weak.upgrade() {
+                Some(inner) => Server { inner }.queue_local(iface, event, &args),
+                None => Vec::new(),
+            };
+            Box::pin(wait_for_room(queued))
+        }));
+    }
+    server
 }
