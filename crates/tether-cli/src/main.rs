@@ -2,6 +2,7 @@
 //! it, listen to its events, and benchmark it.
 
 mod bench;
+mod conductor;
 mod hub;
 mod json;
 mod load;
@@ -66,6 +67,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Connect to many peers and print the hub's table and events as JSON lines (or a table).
     Hub(hub::HubArgs),
+    /// Talk to a Holochain conductor-protocol server: `call` a request, or print `signals`.
+    Conductor(conductor::ConductorArgs),
 }
 
 /// Where and how a client command connects.
@@ -225,6 +228,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await.map_err(Failure::Runtime),
+        Command::Conductor(args) => conductor::run(args).await,
         Command::Hub(args) => {
             let stop = StopSignals::install()
                 .map_err(|e| Failure::Runtime(Error::Transport(tether::TransportError::Io(e))))?;

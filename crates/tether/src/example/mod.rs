@@ -210,3 +210,4 @@ impl ChatHub {
 
 mod conductor;
 pub use conductor::conductor_server;
+pub use conductor::conductor_server_with;

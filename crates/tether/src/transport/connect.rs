@@ -1,11 +1,11 @@
 //! Client side: open a transport to an [`Endpoint`].
 
-use super::nul::nul_transport;
-use super::tls::{client_config, server_name, TlsClientOptions};
+use super::listener::nul_over;
+use super::stream::{dial, DialOptions, StreamEndpoint};
+use super::tls::TlsClientOptions;
 use super::ws::{connect_ws, ws_config, ws_transport, DEFAULT_FRAGMENT_SIZE};
 use super::{Endpoint, Transport, TransportError, TransportInfo, TransportKind};
 use std::time::Duration;
-use tokio::net::{TcpStream, UnixStream};
 
 /// Settings for [`connect`].
 #[derive(Debug, Clone)]
@@ -52,78 +52,29 @@ pub async fn connect(
         })
 }
 
-async fn tcp(endpoint: &Endpoint) -> Result<(TcpStream, TransportInfo, String), TransportError> {
-    let (host, port) = endpoint
-        .host_port()
-        .ok_or_else(|| TransportError::InvalidAddress(format!("{endpoint}: no host")))?;
-    let stream = TcpStream::connect((host.as_str(), port)).await?;
-    stream.set_nodelay(true)?;
-    let info = TransportInfo {
-        kind: endpoint.kind(),
-        local_addr: Some(stream.local_addr()?.to_string()),
-        remote_addr: Some(stream.peer_addr()?.to_string()),
-    };
-    Ok((stream, info, host))
-}
-
-/// The TLS connector for an endpoint, built before any network activity so that a
-/// configuration error never opens a connection.
-fn tls_connector(options: &TlsClientOptions) -> Result<tokio_rustls::TlsConnector, TransportError> {
-    Ok(tokio_rustls::TlsConnector::from(client_config(options)?))
-}
-
-async fn tls(
-    connector: tokio_rustls::TlsConnector,
-    stream: TcpStream,
-    host: &str,
-    options: &TlsClientOptions,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TransportError> {
-    let name = server_name(options, host)?;
-    connector
-        .connect(name, stream)
-        .await
-        .map_err(|e| TransportError::Tls(format!("handshake with {host} failed: {e}")))
-}
-
 async fn connect_inner(
     endpoint: &Endpoint,
     config: &ClientTransportConfig,
 ) -> Result<Transport, TransportError> {
     let max = config.max_message_size;
-    let ws = || ws_config(max, config.ws_fragment_size);
+    let kind = endpoint.kind();
+    let secure = matches!(kind, TransportKind::Tls | TransportKind::Wss);
+    let mut dial_options = DialOptions::builder().connect_timeout(config.connect_timeout);
+    if secure {
+        dial_options = dial_options.tls(config.tls.clone());
+    }
+    let stream = dial(&StreamEndpoint::from(endpoint), &dial_options.build()).await?;
+    let peer = stream.peer().clone();
+    let info = TransportInfo {
+        kind,
+        local_addr: peer.local_addr,
+        remote_addr: peer.remote_addr,
+    };
     match endpoint {
-        Endpoint::Unix(path) => {
-            let stream = UnixStream::connect(path).await?;
-            let info = TransportInfo {
-                kind: TransportKind::Unix,
-                local_addr: None,
-                remote_addr: Some(path.display().to_string()),
-            };
-            let (r, w) = stream.into_split();
-            Ok(nul_transport(r, w, max, info))
-        }
-        Endpoint::Tcp { .. } => {
-            let (stream, info, _) = tcp(endpoint).await?;
-            let (r, w) = stream.into_split();
-            Ok(nul_transport(r, w, max, info))
-        }
-        Endpoint::Tls { .. } => {
-            let connector = tls_connector(&config.tls)?;
-            let (stream, info, host) = tcp(endpoint).await?;
-            let (r, w) = tokio::io::split(tls(connector, stream, &host, &config.tls).await?);
-            Ok(nul_transport(r, w, max, info))
-        }
-        Endpoint::Ws(url) => {
-            let (stream, info, _) = tcp(endpoint).await?;
-            let ws = connect_ws(url, stream, ws()).await?;
+        Endpoint::Ws(url) | Endpoint::Wss(url) => {
+            let ws = connect_ws(url, stream, ws_config(max, config.ws_fragment_size)).await?;
             Ok(ws_transport(ws, config.ws_fragment_size, info))
         }
-        Endpoint::Wss(url) => {
-            let connector = tls_connector(&config.tls)?;
-            let (stream, info, host) = tcp(endpoint).await?;
-            let stream = tls(connector, stream, &host, &config.tls).await?;
-            let ws = connect_ws(url, stream, ws()).await?;
-            Ok(ws_transport(ws, config.ws_fragment_size, info))
-        }
+        _ => Ok(nul_over(stream, max, info)),
     }
 }

@@ -1,18 +1,21 @@
-//! Listeners: accept connections on any endpoint kind and hand out ready [`Transport`]s.
+//! Listeners: accept connections on any endpoint kind and hand out ready [`Transport`]s. They
+//! stand on the network floor ([`StreamListener`]): handshake deadline, bounded pending
+//! handshakes with eviction of the oldest, connection caps, accept back-off, stale-socket check.
 
 use super::nul::nul_transport;
+use super::stream::{
+    ByteStream, ConnectionPermit, FloorError, Io, ListenOptions, Plain, StreamEndpoint,
+    StreamListener,
+};
 use super::ws::{accept_ws, ws_config, ws_transport, DEFAULT_FRAGMENT_SIZE};
-use super::{Endpoint, Transport, TransportError, TransportInfo, TransportKind};
+use super::{Endpoint, MessageStream, Transport, TransportError, TransportInfo, TransportKind};
+use futures::Stream;
 use std::fmt;
-use std::io;
-use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
 
 /// Settings for [`Listener::bind`].
 #[derive(Clone)]
@@ -24,27 +27,37 @@ pub struct ListenerOptions {
     /// (8 MiB, as upstream).
     pub max_message_size: usize,
     /// Time a new connection gets to finish its TLS and/or HTTP upgrade handshake before it is
-    /// dropped. Default 10 s. (The JSTP handshake that follows is the server's business.)
+    /// dropped. Default 10 s; `tether serve --handshake-timeout` sets it. (The JSTP handshake
+    /// that follows is the server's business.)
     pub handshake_timeout: Duration,
     /// WebSocket messages longer than this go out as fragments of at most this many bytes.
     /// Default 16 KiB; clamped below 1 MiB.
     pub ws_fragment_size: usize,
-    /// At most this many TLS/HTTP handshakes run at once; beyond it the listener stops
-    /// accepting until one finishes. Default 1024.
+    /// At most this many TLS/HTTP handshakes run at once; a new connection beyond it evicts
+    /// the oldest pending one. Default 1024.
     pub max_pending_handshakes: usize,
     /// Established transports waiting for [`Listener::accept`]. Default 64.
     pub accept_queue: usize,
+    /// Live connections of this listener at once; more are closed at accept. Default 32 768
+    /// (see [`ListenOptions`]).
+    pub max_connections: usize,
+    /// Live connections from one source IP address at once; more are closed at accept.
+    /// Default 16 384 (see [`ListenOptions`]).
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ListenerOptions {
     fn default() -> Self {
+        let floor = ListenOptions::default();
         ListenerOptions {
             tls: None,
             max_message_size: tether_wire::DEFAULT_MAX_MESSAGE_SIZE,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: floor.handshake_timeout,
             ws_fragment_size: DEFAULT_FRAGMENT_SIZE,
-            max_pending_handshakes: 1024,
-            accept_queue: 64,
+            max_pending_handshakes: floor.max_pending_handshakes,
+            accept_queue: floor.accept_queue,
+            max_connections: floor.max_connections,
+            max_connections_per_ip: floor.max_connections_per_ip,
         }
     }
 }
@@ -61,6 +74,27 @@ impl ListenerOptions {
         self.max_message_size = max;
         self
     }
+
+    /// Sets the TLS/upgrade handshake deadline.
+    pub fn with_handshake_timeout(mut self, after: Duration) -> Self {
+        self.handshake_timeout = after;
+        self
+    }
+
+    /// The network-floor options these stand for (TLS included), e.g. to give another
+    /// protocol's listener (the conductor's) the same guards.
+    pub fn floor(&self) -> ListenOptions {
+        let mut b = ListenOptions::builder()
+            .handshake_timeout(self.handshake_timeout)
+            .max_pending_handshakes(self.max_pending_handshakes)
+            .accept_queue(self.accept_queue)
+            .max_connections(self.max_connections)
+            .max_connections_per_ip(self.max_connections_per_ip);
+        if let Some(tls) = &self.tls {
+            b = b.tls(tls.clone());
+        }
+        b.build()
+    }
 }
 
 impl fmt::Debug for ListenerOptions {
@@ -72,11 +106,11 @@ impl fmt::Debug for ListenerOptions {
             .field("ws_fragment_size", &self.ws_fragment_size)
             .field("max_pending_handshakes", &self.max_pending_handshakes)
             .field("accept_queue", &self.accept_queue)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
             .finish()
     }
 }
-
-type Accepted = Result<Transport, TransportError>;
 
 /// A bound listener. Accepting, TLS and HTTP-upgrade handshakes run in background tasks (each
 /// handshake in its own, bounded by [`ListenerOptions::handshake_timeout`]), so a slow client
@@ -85,50 +119,20 @@ type Accepted = Result<Transport, TransportError>;
 /// Dropping the listener (or [`Listener::close`]) stops accepting and aborts handshakes in
 /// progress; a Unix listener then removes its socket file.
 pub struct Listener {
-    rx: Option<mpsc::Receiver<Accepted>>,
-    task: Option<JoinHandle<()>>,
-    local_addr: String,
+    inner: StreamListener<Transport>,
     kind: TransportKind,
-    /// The socket file and its identity, removed on close if it is still ours.
-    unix_socket: Option<(PathBuf, u64, u64)>,
 }
 
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Listener")
             .field("kind", &self.kind)
-            .field("local_addr", &self.local_addr)
-            .field("open", &self.rx.is_some())
+            .field("inner", &self.inner)
             .finish()
     }
 }
 
-enum RawListener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-enum RawConn {
-    Tcp(TcpStream, SocketAddr),
-    Unix(UnixStream),
-}
-
-impl RawListener {
-    async fn accept(&self) -> io::Result<RawConn> {
-        match self {
-            RawListener::Tcp(l) => l.accept().await.map(|(s, a)| RawConn::Tcp(s, a)),
-            RawListener::Unix(l) => l.accept().await.map(|(s, _)| RawConn::Unix(s)),
-        }
-    }
-}
-
-/// What every connection of one listener needs.
-struct Shared {
-    kind: TransportKind,
-    local_addr: String,
-    options: ListenerOptions,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-}
+type Framed = Pin<Box<dyn Future<Output = Result<Transport, FloorError>> + Send>>;
 
 impl Listener {
     /// Binds `endpoint`: `jstp://`, `jstps://`, `ws://`, `wss://` on `host:port` (port 0 picks
@@ -140,57 +144,60 @@ impl Listener {
         options: &ListenerOptions,
     ) -> Result<Listener, TransportError> {
         let kind = endpoint.kind();
-        let tls = match kind {
-            TransportKind::Tls | TransportKind::Wss => {
-                let config = options.tls.clone().ok_or_else(|| {
-                    TransportError::Tls(format!(
-                        "a {endpoint} listener needs a TLS certificate (ListenerOptions::tls)"
-                    ))
-                })?;
-                Some(tokio_rustls::TlsAcceptor::from(config))
+        let mut floor = options.floor();
+        match kind {
+            TransportKind::Tls | TransportKind::Wss if options.tls.is_none() => {
+                return Err(TransportError::Tls(format!(
+                    "a {endpoint} listener needs a TLS certificate (ListenerOptions::tls)"
+                )))
             }
-            _ => None,
+            TransportKind::Tls | TransportKind::Wss => {}
+            // A certificate given for other kinds is ignored, as documented.
+            _ => floor.tls = None,
+        }
+        let max = options.max_message_size;
+        let fragment = options.ws_fragment_size;
+        let bound = match endpoint {
+            Endpoint::Unix(path) => path.display().to_string(),
+            _ => String::new(),
         };
-        let (raw, local_addr, unix_socket) = match endpoint {
-            Endpoint::Unix(path) => {
-                remove_stale_socket(path).await?;
-                let listener = UnixListener::bind(path)?;
-                let meta = std::fs::symlink_metadata(path)?;
-                (
-                    RawListener::Unix(listener),
-                    path.display().to_string(),
-                    Some((path.clone(), meta.dev(), meta.ino())),
-                )
-            }
-            _ => {
-                let (host, port) = endpoint.host_port().ok_or_else(|| {
-                    TransportError::InvalidAddress(format!("{endpoint}: no host to bind"))
-                })?;
-                let listener = TcpListener::bind((host.as_str(), port)).await?;
-                let addr = listener.local_addr()?.to_string();
-                (RawListener::Tcp(listener), addr, None)
-            }
+        let upgrade = move |stream: ByteStream| -> Framed {
+            let bound = bound.clone();
+            Box::pin(async move {
+                let mut stream = stream;
+                let permit = stream.take_permit();
+                let peer = stream.peer().clone();
+                let info = TransportInfo {
+                    kind,
+                    local_addr: peer.local_addr.or_else(|| Some(bound.clone())),
+                    remote_addr: peer.remote_addr,
+                };
+                let transport = match kind {
+                    TransportKind::Ws | TransportKind::Wss => {
+                        let ws = accept_ws(stream, ws_config(max, fragment))
+                            .await
+                            .map_err(|e| FloorError::Upgrade(Box::new(e)))?;
+                        ws_transport(ws, fragment, info)
+                    }
+                    _ => nul_over(stream, max, info),
+                };
+                Ok(hold(transport, permit))
+            })
         };
-        let (tx, rx) = mpsc::channel(options.accept_queue.max(1));
-        let shared = Arc::new(Shared {
-            kind,
-            local_addr: local_addr.clone(),
-            options: options.clone(),
-            tls,
-        });
-        let task = tokio::spawn(accept_loop(raw, shared, tx));
-        Ok(Listener {
-            rx: Some(rx),
-            task: Some(task),
-            local_addr,
-            kind,
-            unix_socket,
-        })
+        let immediate = matches!(kind, TransportKind::Tcp | TransportKind::Unix);
+        let inner = StreamListener::bind_immediate(
+            &StreamEndpoint::from(endpoint),
+            &floor,
+            upgrade,
+            immediate,
+        )
+        .await?;
+        Ok(Listener { inner, kind })
     }
 
     /// The bound address: `ip:port` (the actual port when bound to port 0), or the socket path.
     pub fn local_addr(&self) -> String {
-        self.local_addr.clone()
+        self.inner.local_addr()
     }
 
     /// The kind of transports this listener produces.
@@ -202,169 +209,56 @@ impl Listener {
     /// TLS/HTTP handshake or an accept error (the listener keeps going). `None` only after
     /// [`close`](Self::close). Cancel-safe.
     pub async fn accept(&mut self) -> Option<Result<Transport, TransportError>> {
-        self.rx.as_mut()?.recv().await
+        Some(self.inner.accept().await?.map_err(TransportError::from))
     }
 
     /// Stops accepting, aborts handshakes in progress, drops transports not yet accepted, and
     /// removes a Unix socket file. Idempotent.
     pub fn close(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+        self.inner.shutdown();
+    }
+}
+
+/// NUL framing over a byte stream; plain sockets split into owned halves (no lock between
+/// reader and writer).
+pub(crate) fn nul_over(stream: ByteStream, max: usize, info: TransportInfo) -> Transport {
+    let (io, _, _) = stream.into_parts();
+    match io {
+        Io::Plain(Plain::Tcp(s)) => {
+            let (r, w) = s.into_split();
+            nul_transport(r, w, max, info)
         }
-        self.rx = None;
-        if let Some((path, dev, ino)) = self.unix_socket.take() {
-            // Only remove the file if it is still the socket we created.
-            if let Ok(meta) = std::fs::symlink_metadata(&path) {
-                if meta.dev() == dev && meta.ino() == ino {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
+        Io::Plain(Plain::Unix(s)) => {
+            let (r, w) = s.into_split();
+            nul_transport(r, w, max, info)
         }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-async fn remove_stale_socket(path: &Path) -> Result<(), TransportError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
-            Ok(_) => Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running server", path.display()),
-            )
-            .into()),
-            Err(_) => {
-                tracing::debug!(path = %path.display(), "removing stale socket file");
-                std::fs::remove_file(path)?;
-                Ok(())
-            }
-        },
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        )
-        .into()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Errors that concern one connection only; anything else (e.g. out of file descriptors) is
-/// reported and briefly backed off from.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
-async fn accept_loop(raw: RawListener, shared: Arc<Shared>, tx: mpsc::Sender<Accepted>) {
-    let needs_handshake = !matches!(shared.kind, TransportKind::Tcp | TransportKind::Unix);
-    let max_pending = shared.options.max_pending_handshakes.max(1);
-    // Dropping the set (when this task is aborted) aborts the handshakes.
-    let mut handshakes = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = tx.closed() => return,
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
-            accepted = raw.accept(), if handshakes.len() < max_pending => match accepted {
-                Ok(conn) if needs_handshake => {
-                    let shared = shared.clone();
-                    let tx = tx.clone();
-                    handshakes.spawn(async move {
-                        let result = tokio::time::timeout(
-                            shared.options.handshake_timeout,
-                            establish(conn, &shared),
-                        )
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(TransportError::Timeout(format!(
-                                "{:?} handshake not finished within {:?}",
-                                shared.kind, shared.options.handshake_timeout
-                            )))
-                        });
-                        let _ = tx.send(result).await;
-                    });
-                }
-                Ok(conn) => {
-                    let result = establish(conn, &shared).await;
-                    if tx.send(result).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) if is_connection_error(&e) => {
-                    tracing::debug!(error = %e, "accept failed for one connection");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    if tx.send(Err(e.into())).await.is_err() {
-                        return;
-                    }
-                    // Typically EMFILE: give connections a moment to close.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+        tls => {
+            let (r, w) = tokio::io::split(tls);
+            nul_transport(r, w, max, info)
         }
     }
 }
 
-/// Turns an accepted socket into a transport (TLS and/or HTTP upgrade as the kind requires).
-async fn establish(conn: RawConn, shared: &Shared) -> Result<Transport, TransportError> {
-    let options = &shared.options;
-    let max = options.max_message_size;
-    match conn {
-        RawConn::Unix(stream) => {
-            let remote_addr = stream
-                .peer_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()));
-            let info = TransportInfo {
-                kind: TransportKind::Unix,
-                local_addr: Some(shared.local_addr.clone()),
-                remote_addr,
-            };
-            let (r, w) = stream.into_split();
-            Ok(nul_transport(r, w, max, info))
-        }
-        RawConn::Tcp(stream, peer) => {
-            stream.set_nodelay(true)?;
-            let info = TransportInfo {
-                kind: shared.kind,
-                local_addr: Some(stream.local_addr()?.to_string()),
-                remote_addr: Some(peer.to_string()),
-            };
-            let tls = || shared.tls.as_ref().expect("TLS acceptor for a TLS kind");
-            match shared.kind {
-                TransportKind::Tcp => {
-                    let (r, w) = stream.into_split();
-                    Ok(nul_transport(r, w, max, info))
-                }
-                TransportKind::Tls => {
-                    let tls = tls().accept(stream).await.map_err(tls_accept_error)?;
-                    let (r, w) = tokio::io::split(tls);
-                    Ok(nul_transport(r, w, max, info))
-                }
-                TransportKind::Ws => {
-                    let ws = accept_ws(stream, ws_config(max, options.ws_fragment_size)).await?;
-                    Ok(ws_transport(ws, options.ws_fragment_size, info))
-                }
-                TransportKind::Wss => {
-                    let tls = tls().accept(stream).await.map_err(tls_accept_error)?;
-                    let ws = accept_ws(tls, ws_config(max, options.ws_fragment_size)).await?;
-                    Ok(ws_transport(ws, options.ws_fragment_size, info))
-                }
-                TransportKind::Unix => unreachable!("Unix listeners accept Unix streams"),
-            }
-        }
+/// Keeps the connection's cap slot for as long as its incoming stream lives.
+fn hold(mut transport: Transport, permit: Option<ConnectionPermit>) -> Transport {
+    if let Some(permit) = permit {
+        transport.incoming = Box::pin(Holding {
+            inner: transport.incoming,
+            _permit: permit,
+        });
     }
+    transport
 }
 
-fn tls_accept_error(e: io::Error) -> TransportError {
-    TransportError::Tls(format!("handshake failed: {e}"))
+struct Holding {
+    inner: MessageStream,
+    _permit: ConnectionPermit,
+}
+
+impl Stream for Holding {
+    type Item = Result<String, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
 }

@@ -8,11 +8,16 @@
 //! Servers get transports from a [`Listener`] ([`Listener::bind`] an [`Endpoint`] with
 //! [`ListenerOptions`]); clients from [`connect`] with a [`ClientTransportConfig`]. TLS settings
 //! come from [`server_config`] and [`TlsClientOptions`].
+//!
+//! Under both lies the network floor shared by every protocol (JSTP, the conductor protocol,
+//! HTTP): [`dial`] and [`StreamListener`] move bytes ([`ByteStream`]) over TCP, TLS and Unix
+//! sockets with deadlines, bounded pending handshakes, connection caps and accept back-off.
 
 mod connect;
 mod endpoint;
 mod listener;
 mod nul;
+mod stream;
 mod tls;
 mod ws;
 
@@ -20,6 +25,10 @@ pub use connect::{connect, ClientTransportConfig};
 pub use endpoint::Endpoint;
 pub use listener::{Listener, ListenerOptions};
 pub use nul::{nul_transport, NulCodec, READ_BUFFER_SIZE};
+pub use stream::{
+    dial, Accepted, ByteStream, ConnectionPermit, DialOptions, DialOptionsBuilder, FloorError,
+    ListenOptions, ListenOptionsBuilder, PeerInfo, StreamEndpoint, StreamListener,
+};
 pub use tls::{
     client_config, load_certs, load_private_key, server_config, server_config_from_der,
     TlsClientOptions,
