@@ -13,6 +13,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tether_wire::FrameError;
@@ -107,6 +108,20 @@ fn lock<S>(ws: &SharedWs<S>) -> std::sync::MutexGuard<'_, WebSocketStream<S>> {
 struct WsIncoming<S> {
     ws: SharedWs<S>,
     done: bool,
+    /// Where a protocol violation leaves the close code our close frame will carry.
+    close_code: Arc<AtomicU16>,
+}
+
+/// The close code RFC 6455 (section 7.4.1) asks for when the peer's input fails this way:
+/// 1002 for a protocol violation, 1007 for a text message that is not UTF-8, 1009 for a
+/// message or frame over the limit. `None`: not the peer's fault (i/o, already closed).
+fn close_code_for(e: &WsError) -> Option<CloseCode> {
+    match e {
+        WsError::Protocol(_) => Some(CloseCode::Protocol),
+        WsError::Utf8(_) => Some(CloseCode::Invalid),
+        WsError::Capacity(_) => Some(CloseCode::Size),
+        _ => None,
+    }
 }
 
 fn map_ws_error(e: WsError) -> TransportError {
@@ -144,14 +159,22 @@ where
                     return Poll::Ready(None);
                 }
                 Some(Ok(Message::Text(text))) => Ok(text.as_str().to_owned()),
-                Some(Ok(Message::Binary(data))) => {
-                    String::from_utf8(data.into()).map_err(|_| FrameError::InvalidUtf8.into())
-                }
+                Some(Ok(Message::Binary(data))) => String::from_utf8(data.into()).map_err(|_| {
+                    // A JSTP message must be text: data inconsistent with it is 1007.
+                    self.close_code
+                        .store(CloseCode::Invalid.into(), Ordering::Relaxed);
+                    FrameError::InvalidUtf8.into()
+                }),
                 // Pings are answered by tungstenite. After a close frame, keep reading: that
                 // sends the reply and ends the stream when the close handshake completes.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => continue,
                 Some(Ok(Message::Frame(_))) => continue,
-                Some(Err(e)) => Err(map_ws_error(e)),
+                Some(Err(e)) => {
+                    if let Some(code) = close_code_for(&e) {
+                        self.close_code.store(code.into(), Ordering::Relaxed);
+                    }
+                    Err(map_ws_error(e))
+                }
             };
             let item = match item {
                 Ok(text) if text.is_empty() => Err(FrameError::Empty.into()),
@@ -179,6 +202,8 @@ struct WsOutgoing<S> {
     fragment_size: usize,
     /// Our close frame has been queued.
     close_queued: bool,
+    /// The close code to send: 1000 unless the incoming side saw a protocol violation.
+    close_code: Arc<AtomicU16>,
 }
 
 impl<S> WsOutgoing<S>
@@ -257,14 +282,16 @@ where
         // Empty the write buffer first so the close frame always fits in it.
         ready!(ws.poll_flush_unpin(cx)).map_err(map_ws_error)?;
         if !self.close_queued {
-            // Close with 1000 as upstream does: Node's `websocket` reports a close frame
-            // without a status code as an abnormal closure (1006). If the peer closed first,
-            // this is refused and `poll_close` below just completes the handshake.
-            let normal = CloseFrame {
-                code: CloseCode::Normal,
+            // Close with 1000 as upstream does (Node's `websocket` reports a close frame
+            // without a status code as an abnormal closure, 1006), or with the RFC 6455 code of
+            // the peer's protocol violation. If the peer closed first, this is refused and
+            // `poll_close` below just completes the handshake.
+            let code = CloseCode::from(self.close_code.load(Ordering::Relaxed));
+            let frame = CloseFrame {
+                code,
                 reason: Default::default(),
             };
-            let _ = ws.start_send_unpin(Message::Close(Some(normal)));
+            let _ = ws.start_send_unpin(Message::Close(Some(frame)));
             self.close_queued = true;
         }
         ws.poll_close_unpin(cx).map_err(map_ws_error)
@@ -281,16 +308,19 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ws = Arc::new(Mutex::new(ws));
+    let close_code = Arc::new(AtomicU16::new(CloseCode::Normal.into()));
     Transport {
         incoming: Box::pin(WsIncoming {
             ws: ws.clone(),
             done: false,
+            close_code: close_code.clone(),
         }),
         outgoing: Box::pin(WsOutgoing {
             ws,
             pending: None,
             fragment_size: clamp_fragment_size(fragment_size),
             close_queued: false,
+            close_code,
         }),
         info,
     }
