@@ -28,6 +28,16 @@ pub(crate) struct ServeArgs {
     /// requests `answer`, `divide`, `say_hi` and a signal per chat message.
     #[arg(long, value_name = "ADDR")]
     conductor: Vec<String>,
+    /// Make the conductor listeners app interfaces: a client must `authenticate` with one of
+    /// these tokens (their UTF-8 bytes; repeatable) as its first message within 10 s, or it is
+    /// closed (1008). Default: no authentication (any client is served).
+    #[arg(long, value_name = "TOKEN")]
+    conductor_token: Vec<String>,
+    /// Accept WebSocket upgrades on the conductor listeners only with one of these `Origin`
+    /// headers (repeatable; `*` allows any origin but still requires the header); others get
+    /// HTTP 400 as on a conductor. Default: any origin, or none.
+    #[arg(long, value_name = "ORIGIN")]
+    conductor_origin: Vec<String>,
     /// Secure WebSocket listener address (repeatable); needs --cert and --key.
     #[arg(long, value_name = "ADDR")]
     wss: Vec<String>,
@@ -163,7 +173,21 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut ready = serde_json::Map::new();
     ready.insert("ready".into(), json!(true));
     if !args.conductor.is_empty() {
-        let conductor = tether::example::conductor_server(&chat);
+        let tokens: Vec<Vec<u8>> = args
+            .conductor_token
+            .iter()
+            .map(|t| t.as_bytes().to_vec())
+            .collect();
+        let origins = args.conductor_origin.clone();
+        let conductor = tether::example::conductor_server_with(&chat, |mut builder| {
+            if !tokens.is_empty() {
+                builder = builder.tokens(tokens);
+            }
+            if !origins.is_empty() {
+                builder = builder.allowed_origins(origins);
+            }
+            builder
+        });
         for addr in &args.conductor {
             let bound = conductor
                 .listen(addr)

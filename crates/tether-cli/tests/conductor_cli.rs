@@ -76,3 +76,200 @@ async fn serve_hosts_the_example_app_on_the_conductor_protocol() {
     let code = within(DEADLINE, "the conductor close", conductor.close(None)).await;
     assert_eq!(code.unwrap(), 1000);
 }
+
+/// `tether conductor …` with `args`, to completion; its exit code and stdout lines as JSON.
+fn conductor(args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>) {
+    let out = common::run(
+        std::process::Command::new(common::BIN)
+            .arg("conductor")
+            .args(args),
+        "tether conductor",
+    );
+    let lines = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    (out.status.code(), lines)
+}
+
+/// Starts `tether conductor signals ARGS…` and reads its ready line.
+fn signals(args: &[&str]) -> (common::Proc, common::LineReader) {
+    let child = std::process::Command::new(common::BIN)
+        .args(["conductor", "signals"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot start tether conductor signals");
+    let mut proc = common::Proc(child);
+    let mut lines = proc.stdout_lines("conductor signals");
+    assert_eq!(
+        lines.json("the ready line"),
+        serde_json::json!({"listening": true})
+    );
+    (proc, lines)
+}
+
+#[test]
+fn conductor_call_and_signals_against_tether_serve() {
+    let origin = "http://cli.test";
+    let (_serve, ready) = serve(&[
+        "--tcp",
+        "127.0.0.1:0",
+        "--conductor",
+        "127.0.0.1:0",
+        "--conductor-token",
+        "t0ken",
+        "--conductor-token",
+        "other",
+        "--conductor-origin",
+        origin,
+    ]);
+    let url = format!("ws://{}", ready["conductor"][0].as_str().unwrap());
+    let auth = ["--token", "t0ken", "--origin", origin];
+    let call = |extra: &[&str]| conductor(&[&["call", url.as_str()], extra, &auth].concat());
+
+    assert_eq!(
+        call(&["answer"]),
+        (Some(0), vec![serde_json::json!({"result": 42})])
+    );
+    assert_eq!(
+        call(&["divide", r#"{"a":20,"b":8}"#]),
+        (Some(0), vec![serde_json::json!({"result": 2.5})])
+    );
+    // The older dialect is answered in kind.
+    assert_eq!(
+        call(&["say_hi", r#"{"name":"CLI"}"#, "--dialect", "data"]),
+        (Some(0), vec![serde_json::json!({"result": "Hi, CLI!"})])
+    );
+    // An error answer: its kind and message, exit status 1.
+    let error = |kind: &str, message: &str| serde_json::json!({"error": {"kind": kind, "message": message}});
+    assert_eq!(
+        call(&["divide", r#"{"a":1,"b":0}"#]),
+        (Some(1), vec![error("internal_error", "Zero division")])
+    );
+    // A bad JSON argument is a usage error (2) and prints nothing.
+    assert_eq!(call(&["divide", "{a:1"]), (Some(2), vec![]));
+
+    // The listener's requirements: a token (else closed) and an allowed Origin (else HTTP 400).
+    let (code, lines) = conductor(&["call", &url, "answer", "--origin", origin]);
+    assert_eq!(
+        (code, lines[0]["error"]["kind"].as_str()),
+        (Some(1), Some("closed"))
+    );
+    let (code, lines) = conductor(&["call", &url, "answer", "--token", "t0ken"]);
+    assert_eq!(
+        (code, lines[0]["error"]["kind"].as_str()),
+        (Some(1), Some("connect"))
+    );
+    let (code, lines) = conductor(&[
+        "call", &url, "answer", "--origin", origin, "--token", "other",
+    ]);
+    assert_eq!(
+        (code, lines),
+        (Some(0), vec![serde_json::json!({"result": 42})])
+    );
+
+    // `signals` confirms its token before the ready line: a wrong one fails at once.
+    let (code, lines) = conductor(&["signals", &url, "--token", "wrong", "--origin", origin]);
+    assert_eq!(
+        (code, lines[0]["error"]["kind"].as_str()),
+        (Some(1), Some("closed"))
+    );
+
+    // `signals` prints the chat's app signal, decoded, then exits after --count.
+    let (mut proc, mut lines) =
+        signals(&[&url, "--count", "1", "--token", "t0ken", "--origin", origin]);
+    let jstp = format!("jstp://{}", ready["tcp"][0].as_str().unwrap());
+    let sent = common::run(
+        std::process::Command::new(common::BIN)
+            .args(["call", &jstp, "testApp", "chat", "send", "'hi'"]),
+        "tether call chat.send",
+    );
+    assert!(sent.status.success());
+    let signal = lines.json("the chat signal");
+    assert_eq!(signal["type"], "app");
+    assert_eq!(signal["zome_name"], "chat");
+    assert_eq!(
+        signal["signal"],
+        serde_json::json!({"type": "chat", "user": null, "text": "hi"})
+    );
+    assert_eq!(signal["cell_id"][0].as_array().map(Vec::len), Some(39));
+    let status = common::wait_within(&mut proc.0, DEADLINE, "conductor signals --count 1");
+    assert!(status.success());
+}
+
+fn hc_peer_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("TETHER_HC_PEER") {
+        return path.into();
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../interop/hc-peer/target/debug/hc-peer");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --manifest-path interop/hc-peer/Cargo.toml` \
+         (or set TETHER_HC_PEER to the binary)",
+        path.display()
+    );
+    path
+}
+
+/// The CLI against a server on Holochain's own `holochain_websocket` crate (`interop/hc-peer`).
+#[test]
+fn conductor_cli_against_the_holochain_websocket_crate() {
+    let origin = "http://cli.test";
+    let child = std::process::Command::new(hc_peer_binary())
+        .args(["--token", "hc", "--origin", origin])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("hc-peer starts");
+    let mut peer = common::Proc(child);
+    let port = peer.stdout_lines("hc-peer").json("hc-peer's port line")["port"]
+        .as_u64()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}");
+    let auth = ["--token", "hc", "--origin", origin];
+    let call = |extra: &[&str]| conductor(&[&["call", url.as_str()], extra, &auth].concat());
+
+    assert_eq!(
+        call(&["answer"]),
+        (Some(0), vec![serde_json::json!({"result": 42})])
+    );
+    assert_eq!(
+        call(&["divide", r#"{"a":1,"b":0}"#]),
+        (
+            Some(1),
+            vec![
+                serde_json::json!({"error": {"kind": "internal_error", "message": "Zero division"}})
+            ]
+        )
+    );
+    let (code, lines) = conductor(&["call", &url, "answer", "--token", "hc"]);
+    assert_eq!(
+        (code, lines[0]["error"]["kind"].as_str()),
+        (Some(1), Some("connect"))
+    );
+
+    let (mut proc, mut lines) =
+        signals(&[&url, "--count", "2", "--token", "hc", "--origin", origin]);
+    assert_eq!(call(&["emit_signal", r#"{"text":"hey"}"#]).0, Some(0));
+    assert_eq!(call(&["emit_system_signal"]).0, Some(0));
+    let app = lines.json("the app signal");
+    assert_eq!(
+        (app["type"].as_str(), app["zome_name"].as_str()),
+        (Some("app"), Some("chat"))
+    );
+    assert_eq!(
+        app["signal"],
+        serde_json::json!({"type": "chat", "text": "hey"})
+    );
+    let system = lines.json("the system signal");
+    assert_eq!(system["type"], "system");
+    assert_eq!(system["value"]["type"], "successful_countersigning");
+    let status = common::wait_within(&mut proc.0, DEADLINE, "conductor signals --count 2");
+    assert!(status.success());
+}

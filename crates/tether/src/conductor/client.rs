@@ -6,6 +6,7 @@ use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tether_wire::conductor::{
     authenticate_payload, from_bytes, to_bytes, Envelope, Payload, WireError, WireMessage,
@@ -132,6 +133,8 @@ pub struct ConductorConnection {
     /// The close code once closed.
     closed: watch::Receiver<Option<u16>>,
     signals: broadcast::Sender<Value>,
+    /// Frames skipped because they did not decode (shared with the driver).
+    skipped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ConductorConnection {
@@ -249,6 +252,7 @@ impl ConductorConnection {
         let (opened_tx, opened) = watch::channel(None);
         let (closed_tx, closed) = watch::channel(None);
         let signals = broadcast::channel(1024).0;
+        let skipped = Arc::new(AtomicU64::new(0));
         let conn = ConductorConnection {
             name,
             uri,
@@ -257,6 +261,7 @@ impl ConductorConnection {
             opened,
             closed,
             signals: signals.clone(),
+            skipped: skipped.clone(),
         };
         let parts = DriverParts {
             rx,
@@ -264,6 +269,7 @@ impl ConductorConnection {
             closed: closed_tx,
             signals,
             dialect,
+            skipped,
         };
         (conn, parts)
     }
@@ -404,9 +410,57 @@ impl ConductorConnection {
         }
     }
 
-    /// Signals from now on (each signal's decoded payload; see [`AppSignal::from_signal`]).
+    /// Signals from now on (each signal's decoded payload; see [`ConductorSignal::from_payload`]
+    /// and [`AppSignal::from_signal`]). The channel keeps the latest 1024; a receiver that falls
+    /// further behind gets `Lagged(n)`.
     pub fn signals(&self) -> broadcast::Receiver<Value> {
         self.signals.subscribe()
+    }
+
+    /// How many frames from the peer were skipped because they did not decode (an invalid
+    /// envelope, a signal whose payload is not MessagePack, a text frame). As on a conductor,
+    /// such a frame is not fatal: the connection stays open; each is also logged at WARN.
+    pub fn skipped_frames(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+}
+
+/// A signal payload read by its shape (the conductor's `Signal` enum, in either dialect).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConductorSignal {
+    /// `{type:"app", value:{…}}` or `{App:{…}}`, with the app's signal decoded.
+    App(AppSignal),
+    /// `{type:"system", value}` or `{System: value}`: the conductor's `SystemSignal` (for
+    /// example `{type:"successful_countersigning", value:<entry hash>}`).
+    System(Value),
+    /// Anything else (a newer kind such as `app_direct`, or a non-conductor server's own
+    /// shape), as it came.
+    Other(Value),
+}
+
+impl ConductorSignal {
+    /// Reads a signal payload as delivered by [`ConductorConnection::signals`].
+    pub fn from_payload(payload: &Value) -> ConductorSignal {
+        if let Some(app) = AppSignal::from_signal(payload) {
+            return ConductorSignal::App(app);
+        }
+        let entries = payload.as_map().map(Vec::as_slice).unwrap_or_default();
+        let get = |key: &str| {
+            entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v)
+        };
+        if get("type").and_then(Value::as_str) == Some("system") {
+            if let Some(value) = get("value").or_else(|| get("data")) {
+                return ConductorSignal::System(value.clone());
+            }
+        }
+        match (entries.len(), get("System")) {
+            (1, Some(value)) => ConductorSignal::System(value.clone()),
+            _ => ConductorSignal::Other(payload.clone()),
+        }
     }
 }
 
@@ -416,6 +470,7 @@ struct DriverParts {
     closed: watch::Sender<Option<u16>>,
     signals: broadcast::Sender<Value>,
     dialect: Dialect,
+    skipped: Arc<AtomicU64>,
 }
 
 /// An app signal: `{type:"app", value:{cell_id, zome_name, signal}}` (0.5+) or `{App:{…}}`
@@ -469,6 +524,12 @@ impl AppSignal {
 }
 
 impl DriverParts {
+    /// Counts and logs a frame that did not decode; the connection goes on, as a conductor's.
+    fn skip(&self, what: &str, error: &dyn std::fmt::Display) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%error, "{what} skipped");
+    }
+
     fn fail_open(mut self, error: ConductorError) {
         let _ = self.opened.send(Some(Err(error)));
         let _ = self.closed.send(Some(1006));
@@ -581,7 +642,7 @@ where
                     }
                     Ok(WireMessage::Signal { data }) => match from_bytes(&data) {
                         Ok(v) => { let _ = parts.signals.send(v); }
-                        Err(e) => tracing::debug!(error = %e, "undecodable signal"),
+                        Err(e) => parts.skip("undecodable signal", &e),
                     },
                     Ok(WireMessage::Request { id, .. }) => {
                         // Clients serve nothing: answer with an error rather than leave it hanging.
@@ -589,8 +650,11 @@ where
                         let msg = WireMessage::Response { id, data: Some(error) };
                         let _ = sink.send(WsMessage::binary(msg.encode())).await;
                     }
-                    Err(e) => tracing::debug!(error = %e, "invalid envelope ignored"),
+                    Err(e) => parts.skip("invalid envelope", &e),
                 },
+                // A conductor would read a text frame's bytes as MessagePack; no conductor
+                // sends one, so it is skipped (and counted).
+                Some(Ok(WsMessage::Text(_))) => parts.skip("text frame", &"not binary"),
                 Some(Ok(WsMessage::Close(frame))) => {
                     code = frame.map_or(1005, |f| u16::from(f.code));
                     break;

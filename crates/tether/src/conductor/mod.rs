@@ -29,7 +29,10 @@
 mod client;
 mod server;
 
-pub use client::{AppSignal, ConductorAddress, ConductorConnection, ConductorOptions, MessageKind};
+pub use client::{
+    AppSignal, ConductorAddress, ConductorConnection, ConductorOptions, ConductorSignal,
+    MessageKind,
+};
 pub use server::{
     example_cell_id, ConductorServer, ConductorServerBuilder, ConductorServerEvent,
     AUTHENTICATION_TIMEOUT,

@@ -275,6 +275,24 @@ impl ConductorServer {
             .count()
     }
 
+    /// Sends a system signal to every client, each in its dialect (`{type:"system", value:
+    /// signal}` or `{System: signal}`); returns how many got it. `signal` is tagged as the
+    /// conductor's `SystemSignal` is, e.g. `{type:"successful_countersigning", value:<hash>}`.
+    pub fn broadcast_system_signal(&self, signal: &Value) -> usize {
+        let mut encoded: HashMap<Dialect, WsMessage> = HashMap::new();
+        let clients = lock(&self.inner.clients);
+        clients
+            .values()
+            .filter(|c| {
+                let dialect = *lock(&c.dialect);
+                let msg = encoded
+                    .entry(dialect)
+                    .or_insert_with(|| signal_message(dialect.system_signal(signal.clone())));
+                c.tx.try_send(msg.clone()).is_ok()
+            })
+            .count()
+    }
+
     async fn serve(&self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let config = ws_config(self.inner.max_message_size);

@@ -28,6 +28,22 @@ fn conductor_value(v: &Value) -> crate::conductor::Value {
 /// text}`, to every conductor client on each chat message of `chat` (a conductor's signal shape,
 /// in each client's dialect: `@holochain/client` throws on any other).
 pub fn conductor_server(chat: &ChatHub) -> crate::conductor::ConductorServer {
+    conductor_server_with(chat, |builder| builder)
+}
+
+/// [`conductor_server`] with the builder passed through `configure` first, to set what the
+/// listener requires (for example [`ConductorServerBuilder::tokens`] to make it an app
+/// interface, [`ConductorServerBuilder::allowed_origins`] to restrict origins), as `tether
+/// serve --conductor-token/--conductor-origin` do.
+///
+/// [`ConductorServerBuilder::tokens`]: crate::conductor::ConductorServerBuilder::tokens
+/// [`ConductorServerBuilder::allowed_origins`]: crate::conductor::ConductorServerBuilder::allowed_origins
+pub fn conductor_server_with(
+    chat: &ChatHub,
+    configure: impl FnOnce(
+        crate::conductor::ConductorServerBuilder,
+    ) -> crate::conductor::ConductorServerBuilder,
+) -> crate::conductor::ConductorServer {
     use crate::conductor::{ConductorServer, Value as M};
     fn number(args: &M, key: &str) -> Option<f64> {
         let (_, v) = args
@@ -55,8 +71,8 @@ pub fn conductor_server(chat: &ChatHub) -> crate::conductor::ConductorServer {
                 .and_then(|(_, v)| v.as_str().map(str::to_owned))
                 .ok_or_else(|| bad("expected {name}"))?;
             Ok(M::from(format!("Hi, {name}!")))
-        })
-        .build();
+        });
+    let server = configure(server).build();
     let signals = server.clone();
     chat.on_message(move |user, text| {
         let signal = M::Map(vec![
