@@ -43,6 +43,16 @@ pub enum AddressError {
     /// A `net:` or `tls:` address has no port.
     #[error("{0} address without a port")]
     MissingPort(&'static str),
+    /// A layer after a dialable transport (`~shs:KEY`, …) that the dialler cannot verify:
+    /// dialling without it would pretend the layer's promise (for `shs`, that the peer holds
+    /// the key) was kept. tether's own dialler has no secret-handshake.
+    #[error("cannot verify the {layer:?} layer of {address:?}: this dialler does not speak it (tether has no secret-handshake); remove the layer or dial with a connector that verifies it")]
+    UnverifiedLayer {
+        /// The layer's protocol name.
+        layer: String,
+        /// The alternative that carries it.
+        address: String,
+    },
     /// A port is not a number from 1 to 65535.
     #[error("invalid port {port:?} in {transport} address")]
     InvalidPort {
@@ -369,6 +379,27 @@ impl MultiAddress {
             .try_for_each(|a| a.endpoint().map(drop))
     }
 
+    /// Checks that every alternative tether can dial carries only layers in `verified` after
+    /// its transport (what the dialler verifies, or layers that promise nothing, as
+    /// `noauth`). Alternatives on transports tether does not have are left alone.
+    pub fn check_layers(&self, verified: &[&str]) -> Result<(), AddressError> {
+        for a in &self.alternatives {
+            if !matches!(a.endpoint(), Ok(Some(_))) {
+                continue;
+            }
+            if let Some(p) = a.protocols[1..]
+                .iter()
+                .find(|p| !verified.contains(&p.name.as_str()))
+            {
+                return Err(AddressError::UnverifiedLayer {
+                    layer: p.name.clone(),
+                    address: a.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The endpoint of the first alternative tether can dial.
     pub fn endpoint(&self) -> Option<Endpoint> {
         self.alternatives
@@ -547,6 +578,10 @@ mod layer_tests {
         let check = |text: &str| text.parse::<MultiAddress>().unwrap().check_transports();
         assert_eq!(check("net:h"), Err(AddressError::MissingPort("net")));
         assert_eq!(check("tls:h"), Err(AddressError::MissingPort("tls")));
+        assert_eq!(
+            check("net:h:1~shs:{KEY}".replace("{KEY}", KEY).as_str()),
+            Ok(())
+        );
         for (text, transport, port) in [
             ("net:h:http", "net", "http"),
             ("net:h:0", "net", "0"),
@@ -581,5 +616,43 @@ mod layer_tests {
         ] {
             assert_eq!(check(good), Ok(()), "{good}");
         }
+    }
+}
+
+#[cfg(test)]
+mod honest_layers {
+    use super::*;
+
+    const KEY: &str = "pAhDcHjunq6epPvYYo483vBjcuDkE10qrc2tYC827R0=";
+
+    #[test]
+    fn layers_the_dialler_cannot_verify_are_refused_and_named() {
+        let check = |text: &str, verified: &[&str]| {
+            text.parse::<MultiAddress>().unwrap().check_layers(verified)
+        };
+        let shs = format!("net:127.0.0.1:3000~shs:{KEY}");
+        assert_eq!(
+            check(&shs, &["noauth"]),
+            Err(AddressError::UnverifiedLayer {
+                layer: "shs".into(),
+                address: shs.clone()
+            })
+        );
+        // A connector that verifies `shs` may dial it.
+        assert_eq!(check(&shs, &["noauth", "shs"]), Ok(()));
+        assert_eq!(check("unix:/s~noauth", &["noauth"]), Ok(()));
+        assert!(matches!(
+            check("ws://h:1~box2:x", &["noauth"]),
+            Err(AddressError::UnverifiedLayer { layer, .. }) if layer == "box2"
+        ));
+        // Transports tether does not dial are not its to judge; one dialable alternative with
+        // an unverified layer refuses the address.
+        assert_eq!(check(&format!("onion:x.onion:80~shs:{KEY}"), &[]), Ok(()));
+        assert!(check(&format!("net:h:1;tls:h:2~shs:{KEY}"), &["noauth"]).is_err());
+        let text = check(&shs, &[]).unwrap_err().to_string();
+        assert!(
+            text.contains("secret-handshake") && text.contains("\"shs\""),
+            "{text}"
+        );
     }
 }

@@ -15,6 +15,15 @@ pub trait Connector: Send + Sync + 'static {
         address: MultiAddress,
         resume: bool,
     ) -> BoxFuture<'static, Result<Connection, HubError>>;
+    /// The layers after the transport this connector verifies, or that promise nothing. An
+    /// address with any other layer on a transport tether dials is refused before dialling
+    /// ([`AddressError::UnverifiedLayer`](super::AddressError::UnverifiedLayer)). The default,
+    /// and [`JstpConnector`]'s, is `["noauth"]`: tether has no secret-handshake, so `~shs:KEY`
+    /// is refused rather than ignored.
+    fn verified_layers(&self) -> &[&str] {
+        &["noauth"]
+    }
+
     /// Hangs up. The default closes the connection.
     fn disconnect(&self, connection: Connection) -> BoxFuture<'static, Result<(), HubError>> {
         Box::pin(async move {

@@ -37,12 +37,14 @@
 //! ```
 
 mod address;
+mod book;
 mod connector;
 mod scheduler;
 mod stream;
 mod types;
 
 pub use address::{Address, AddressError, MultiAddress, PeerKey, Protocol};
+pub use book::{BookEntry, BookError, BookState, Outcome, OutcomeKind, PeerBook};
 pub use connector::{Connector, JstpConnector, MaxConnections, OnePerKey, Policy};
 pub use scheduler::{Heartbeat, Redial, Schedule, Scheduler};
 pub use stream::{Events, Lagged, LiveEntries};
@@ -69,6 +71,9 @@ pub struct HubOptions {
     /// How each peer is kept (redial, liveness, session resumption). Default
     /// [`Schedule::default`].
     pub scheduler: Arc<dyn Scheduler>,
+    /// The peer book: kept, staged and known peers with their last outcome. Default
+    /// [`PeerBook::memory`]; [`PeerBook::open`] persists it.
+    pub book: PeerBook,
 }
 
 impl HubOptions {
@@ -84,12 +89,19 @@ impl HubOptions {
             policies: Vec::new(),
             channel_capacity: 1024,
             scheduler: Arc::new(Schedule::default()),
+            book: PeerBook::memory(),
         }
     }
 
     /// Keeps peers by `scheduler` (a [`Schedule`] for all, or a closure per address).
     pub fn scheduler(mut self, scheduler: impl Scheduler) -> Self {
         self.scheduler = Arc::new(scheduler);
+        self
+    }
+
+    /// Keeps the peers in `book` (e.g. one persisted with [`PeerBook::open`]).
+    pub fn book(mut self, book: PeerBook) -> Self {
+        self.book = book;
         self
     }
 
@@ -146,6 +158,7 @@ struct Inner {
     connector: Arc<dyn Connector>,
     policies: Vec<Arc<dyn Policy>>,
     scheduler: Arc<dyn Scheduler>,
+    book: PeerBook,
 }
 
 /// A hub of connections to many peers. Cloning gives another handle on the same hub.
@@ -178,11 +191,34 @@ impl Inner {
     /// Reports an event and the new table, under the state lock so the order is the order of
     /// the changes.
     fn changed(&self, state: &State, event: Option<HubEvent>) {
+        if let Some(event) = &event {
+            self.record(event);
+        }
         if let (Some(event), Some(events)) = (event, &state.events) {
             let _ = events.send(event);
         }
         if let Some(snapshots) = state.snapshots.as_ref().filter(|s| s.receiver_count() > 0) {
             let _ = snapshots.send(snapshot(state));
+        }
+    }
+}
+
+impl Inner {
+    /// Keeps the last outcome of a peer in the book. A failed write is logged, not returned:
+    /// the transition happened whatever the file says.
+    fn record(&self, event: &HubEvent) {
+        let (kind, detail) = match event {
+            HubEvent::Connected { .. } => (OutcomeKind::Connected, None),
+            HubEvent::ConnectingFailed { error, .. } => {
+                (OutcomeKind::ConnectingFailed, Some(error.to_string()))
+            }
+            HubEvent::Disconnected { cause, .. } => {
+                (OutcomeKind::Disconnected, Some(cause.to_string()))
+            }
+            _ => return,
+        };
+        if let Err(e) = self.book.record(event.address(), kind, detail) {
+            tracing::warn!(address = event.address(), error = %e, "peer book write failed");
         }
     }
 }
@@ -219,6 +255,7 @@ impl Hub {
                 connector: options.connector,
                 policies: options.policies,
                 scheduler: options.scheduler,
+                book: options.book,
             }),
         }
     }
@@ -239,7 +276,17 @@ impl Hub {
     pub async fn connect(&self, address: &str, data: Object) -> Result<ConnectOutcome, HubError> {
         let parsed: MultiAddress = address.parse()?;
         parsed.check_transports()?;
+        parsed.check_layers(self.inner.connector.verified_layers())?;
         let schedule = self.inner.scheduler.schedule(&parsed);
+        drop(self.open_state()?);
+        // Into the book first (out of staging, if it was there), so a restart keeps it.
+        let booked = self.inner.book.get(address);
+        if booked.is_none_or(|b| b.state != BookState::Kept || b.data != data) {
+            self.inner
+                .book
+                .put(address, BookState::Kept, data.clone())
+                .map_err(|e| HubError::Book(Arc::new(e)))?;
+        }
         let dial = {
             let mut state = self.open_state()?;
             match state.kept.get_mut(address) {
@@ -529,9 +576,107 @@ impl Hub {
 
     /// Disconnects `address`: aborts its dial or closes its connection. `Ok(false)` if it was
     /// not in the hub.
+    /// The peer stays in the book as [`BookState::Known`]: not dialled after a restart.
     pub async fn disconnect(&self, address: &str) -> Result<bool, HubError> {
         drop(self.open_state()?);
+        self.unkeep(address)?;
         self.disconnect_inner(address).await
+    }
+
+    /// A kept peer in the book becomes known: it is no longer dialled after a restart.
+    fn unkeep(&self, address: &str) -> Result<(), HubError> {
+        if self
+            .inner
+            .book
+            .get(address)
+            .is_some_and(|b| b.state == BookState::Kept)
+        {
+            self.inner
+                .book
+                .set_state(address, BookState::Known)
+                .map_err(|e| HubError::Book(Arc::new(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Disconnects `address` and removes it from the book. `Ok(false)` if it was neither in
+    /// the hub nor in the book.
+    pub async fn forget(&self, address: &str) -> Result<bool, HubError> {
+        let was_in_hub = self.disconnect(address).await?;
+        let was_in_book = self
+            .inner
+            .book
+            .remove(address)
+            .map_err(|e| HubError::Book(Arc::new(e)))?;
+        Ok(was_in_hub || was_in_book)
+    }
+
+    /// Stages `address` (ssb-conn's staging): the book knows it as a suggestion, and it is not
+    /// dialled until [`Hub::connect`] takes it out of staging. The address is checked as
+    /// `connect` checks it. `Ok(false)` if it is in the hub or kept already (the connected
+    /// and the suggested stay apart).
+    pub fn stage(&self, address: &str, data: Object) -> Result<bool, HubError> {
+        let parsed: MultiAddress = address.parse()?;
+        parsed.check_transports()?;
+        parsed.check_layers(self.inner.connector.verified_layers())?;
+        let state = self.open_state()?;
+        let kept = self
+            .inner
+            .book
+            .get(address)
+            .is_some_and(|b| b.state == BookState::Kept);
+        if kept || state.slots.contains_key(address) || state.kept.contains_key(address) {
+            return Ok(false);
+        }
+        self.inner
+            .book
+            .put(address, BookState::Staged, data)
+            .map_err(|e| HubError::Book(Arc::new(e)))?;
+        Ok(true)
+    }
+
+    /// Takes `address` out of staging (and out of the book). `Ok(false)` if it was not staged.
+    pub fn unstage(&self, address: &str) -> Result<bool, HubError> {
+        drop(self.open_state()?);
+        if self
+            .inner
+            .book
+            .get(address)
+            .is_none_or(|b| b.state != BookState::Staged)
+        {
+            return Ok(false);
+        }
+        self.inner
+            .book
+            .remove(address)
+            .map_err(|e| HubError::Book(Arc::new(e)))
+    }
+
+    /// The staged peers, sorted by address.
+    pub fn staged(&self) -> Result<Vec<(String, BookEntry)>, HubError> {
+        drop(self.open_state()?);
+        Ok(self.inner.book.in_state(BookState::Staged))
+    }
+
+    /// The hub's peer book (kept, staged and known peers).
+    pub fn book(&self) -> &PeerBook {
+        &self.inner.book
+    }
+
+    /// Connects every peer the book keeps (what a restarted hub does first), each with its
+    /// data; the outcomes are reported as events. Returns how many dials started.
+    pub fn connect_book(&self) -> Result<usize, HubError> {
+        drop(self.open_state()?);
+        let kept = self.inner.book.in_state(BookState::Kept);
+        for (address, entry) in &kept {
+            let hub = self.clone();
+            let (address, data) = (address.clone(), entry.data.clone());
+            tokio::spawn(async move {
+                // Reported as events; an address that no longer parses is reported by none.
+                let _ = hub.connect(&address, data).await;
+            });
+        }
+        Ok(kept.len())
     }
 
     async fn disconnect_inner(&self, address: &str) -> Result<bool, HubError> {
@@ -637,8 +782,12 @@ impl Hub {
     }
 
     /// Disconnects everything (dials in progress are aborted).
+    /// Kept peers in the book become known, as after [`Hub::disconnect`].
     pub async fn reset(&self) -> Result<(), HubError> {
         drop(self.open_state()?);
+        for (address, _) in self.inner.book.in_state(BookState::Kept) {
+            self.unkeep(&address)?;
+        }
         self.reset_inner().await;
         Ok(())
     }
@@ -780,7 +929,8 @@ impl Hub {
     }
 
     /// Disconnects everything and closes the hub; later calls fail with
-    /// [`HubError::Closed`]. Closing twice is harmless.
+    /// [`HubError::Closed`]. Closing twice is harmless. The book keeps its peers as they are
+    /// (kept peers are dialled again by the next hub's [`Hub::connect_book`]) and is flushed.
     pub async fn close(&self) {
         {
             let mut state = self.inner.lock();
@@ -790,6 +940,9 @@ impl Hub {
             state.closed = true;
         }
         self.reset_inner().await;
+        if let Err(e) = self.inner.book.flush() {
+            tracing::warn!(error = %e, "peer book flush failed");
+        }
         let mut state = self.inner.lock();
         state.events = None;
         state.snapshots = None;

@@ -32,6 +32,9 @@ pub enum HubError {
     /// Closing a connection failed (custom connectors only).
     #[error("disconnecting failed: {0}")]
     Disconnect(String),
+    /// The peer book could not be written.
+    #[error("peer book: {0}")]
+    Book(#[source] Arc<super::BookError>),
 }
 
 impl From<Error> for HubError {
