@@ -1007,3 +1007,172 @@ async fn each_request_is_answered_in_its_dialect() {
     ));
     assert!(events.try_recv().is_err());
 }
+
+/// Issue 17: 16 MiB of MessagePack nils in a request would decode into 16 M values (40× its
+/// bytes). The server refuses it before building anything, answering in the conductor's error
+/// shape (`deserialization`), and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_costly_to_decode_is_refused_with_the_conductors_error() {
+    use tether_wire::conductor::WireMessage;
+    let server = our_handlers(ConductorServer::builder())
+        .max_message_size(17 << 20)
+        .build();
+    let addr = common::within(LIMIT, "listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let sock = common::within(LIMIT, "tcp connect", tokio::net::TcpStream::connect(&addr))
+        .await
+        .unwrap();
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(17 << 20))
+        .max_frame_size(Some(17 << 20));
+    let (mut ws, _) = common::within(
+        LIMIT,
+        "websocket handshake",
+        tokio_tungstenite::client_async_with_config(format!("ws://{addr}"), sock, Some(config)),
+    )
+    .await
+    .unwrap();
+    let n = 16 << 20;
+    let mut nils = vec![0xdd];
+    nils.extend_from_slice(&(n as u32).to_be_bytes());
+    nils.resize(5 + n, 0xc0);
+    let request = WireMessage::Request { id: 1, data: nils };
+    common::within(
+        LIMIT,
+        "send 16 MiB of nils",
+        ws.send(WsMessage::binary(request.encode())),
+    )
+    .await
+    .unwrap();
+    let answer = WireMessage::Request {
+        id: 2,
+        data: Dialect::Value.payload("answer", Value::Nil),
+    };
+    common::within(
+        LIMIT,
+        "send a request",
+        ws.send(WsMessage::binary(answer.encode())),
+    )
+    .await
+    .unwrap();
+    for id in [1, 2] {
+        let reply = common::within(LIMIT, "a response", ws.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let WireMessage::Response { id: got, data } =
+            WireMessage::decode(&reply.into_data()).unwrap()
+        else {
+            panic!("not a response")
+        };
+        assert_eq!(got, id);
+        let payload = tether_wire::conductor::Payload::decode(&data.unwrap()).unwrap();
+        if id == 2 {
+            assert_eq!(payload.content, Value::from(42));
+            continue;
+        }
+        assert_eq!(payload.kind, "error");
+        let error = tether_wire::conductor::Payload::from_value(payload.content).unwrap();
+        assert_eq!(error.kind, "deserialization");
+        let message = error.content.as_str().unwrap().to_owned();
+        assert!(message.contains("over the budget"), "{message}");
+    }
+}
+
+/// System signals reach each client in its dialect: `{type:"system", value}` (0.5+) and
+/// `{System: …}` (0.1–0.4), both read back as `ConductorSignal::System`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_signals_in_each_clients_dialect() {
+    use tether::conductor::ConductorSignal;
+    let server = our_server();
+    let addr = common::within(LIMIT, "listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let mut clients = Vec::new();
+    for dialect in [Dialect::Value, Dialect::Data] {
+        let options = ConductorOptions {
+            dialect,
+            ..ConductorOptions::default()
+        };
+        let conn = ConductorConnection::new(addr.as_str(), options).unwrap();
+        let signals = conn.signals();
+        // An answered request shows the server this client's dialect.
+        let answer = conn.request("answer", Value::Nil, None);
+        assert_eq!(
+            common::within(LIMIT, "answer", answer).await.unwrap(),
+            Value::from(42)
+        );
+        clients.push((dialect, conn, signals));
+    }
+    let system = map(&[
+        ("type", "restore_complete".into()),
+        ("value", map(&[("installed_app_id", "app".into())])),
+    ]);
+    assert_eq!(server.broadcast_system_signal(&system), 2);
+    for (dialect, conn, mut signals) in clients {
+        let payload = common::within(LIMIT, "the system signal", signals.recv())
+            .await
+            .unwrap();
+        let expected = match dialect {
+            Dialect::Value => map(&[("type", "system".into()), ("value", system.clone())]),
+            _ => map(&[("System", system.clone())]),
+        };
+        assert_eq!(payload, expected);
+        assert_eq!(
+            ConductorSignal::from_payload(&payload),
+            ConductorSignal::System(system.clone())
+        );
+        common::within(LIMIT, "close", conn.close(None))
+            .await
+            .unwrap();
+    }
+}
+
+/// As a conductor does for its clients, our client skips (and counts) frames it cannot
+/// decode and keeps the connection: here from a raw WebSocket server that sends garbage, a
+/// text frame and a signal whose payload is not MessagePack before answering a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_skips_and_reports_undecodable_frames() {
+    use tether_wire::conductor::WireMessage;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(sock).await.unwrap();
+        let bad_signal = WireMessage::Signal { data: vec![0xc1] };
+        for frame in [
+            WsMessage::binary(vec![0xa5, b'a']),
+            WsMessage::text("hello"),
+            WsMessage::binary(bad_signal.encode()),
+        ] {
+            ws.send(frame).await.unwrap();
+        }
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Ok(WireMessage::Request { id, .. }) = WireMessage::decode(&msg.into_data()) {
+                let answer = WireMessage::Response {
+                    id,
+                    data: Some(Dialect::Value.payload("answer", 42.into())),
+                };
+                ws.send(WsMessage::binary(answer.encode())).await.unwrap();
+            }
+        }
+    });
+    let conn =
+        ConductorConnection::new(format!("ws://{addr}"), ConductorOptions::default()).unwrap();
+    let answer = conn.request("answer", Value::Nil, None);
+    assert_eq!(
+        common::within(LIMIT, "answer", answer).await.unwrap(),
+        Value::from(42)
+    );
+    assert_eq!(conn.skipped_frames(), 3);
+    assert_eq!(
+        common::within(LIMIT, "close", conn.close(None))
+            .await
+            .unwrap(),
+        1000
+    );
+    common::within(LIMIT, "the raw peer ends", peer)
+        .await
+        .unwrap();
+}
