@@ -31,6 +31,21 @@
 //!
 //! ```
 //! use tether_wire::{parse, Value};
+//! **Memory proportional to input:** the heap a parsed value holds (array and object slots
+//! with their spare capacity, keys, string bytes) is counted while it is built, against a
+//! budget of [`AMPLIFICATION`] × the input's length plus [`BUDGET_FLOOR`] ([`budget_for`]); the
+//! duplicate-key index of a large object is counted too while that object is open. Containers
+//! grow under the parser's control and never past what the budget has left, so input that
+//! would cost more is refused with [`ParseErrorKind::OverBudget`] before the memory is
+//! allocated: a message of holes (`[,,,…]`, 32 bytes of [`Value`] per input byte) cannot turn
+//! 8 MiB of text into 256 MiB. A parsed value holds at most the budget; while one is being
+//! built the peak is at most the budget plus the string literal being decoded (counted once
+//! decoded; never longer than its source). The floor keeps every small message parseable;
+//! past it, input whose values are small next to their 32-byte slots is refused: dense arrays
+//! of one-digit numbers (16× their text) or of strings under about 12 characters (spare
+//! capacity included, while the array is open), many tiny nested arrays, objects with very
+//! short keys and values.
+//!
 //!
 //! let v = parse("{ok:[1,,'two',], /* note */ n:0x10}").unwrap();
 //! let o = v.as_object().unwrap();
@@ -46,7 +61,35 @@ use thiserror::Error;
 /// The deepest nesting of arrays and objects [`parse`] accepts; deeper input is an error.
 pub const MAX_DEPTH: usize = 128;
 
-/// A syntax error, with the byte offset where it was found.
+/// How many bytes of heap a parsed value may hold per byte of its text (see the module docs).
+pub const AMPLIFICATION: usize = 4;
+
+/// Heap every parse may use beyond [`AMPLIFICATION`] × its text: 64 KiB, so short messages
+/// (whose values are small but many times their text) always parse.
+pub const BUDGET_FLOOR: usize = 64 * 1024;
+
+/// The heap budget [`parse`] gives `text_len` bytes of input.
+pub fn budget_for(text_len: usize) -> usize {
+    text_len
+        .saturating_mul(AMPLIFICATION)
+        .saturating_add(BUDGET_FLOOR)
+}
+
+/// What kind of error a [`ParseError`] is.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseErrorKind {
+    /// The text is not valid mdsf (includes nesting deeper than [`MAX_DEPTH`]).
+    Syntax,
+    /// The value would hold more heap than its budget ([`budget_for`] the text's length);
+    /// refused before it was built.
+    OverBudget {
+        /// The budget in bytes.
+        budget: usize,
+    },
+}
+
+/// A parse error, with the byte offset where it was found.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{reason} at offset {offset}")]
 pub struct ParseError {
@@ -56,11 +99,24 @@ pub struct ParseError {
     pub reason: String,
 }
 
-/// Parses exactly one value (surrounding whitespace and comments allowed).
+    /// Which kind of error this is.
+    pub kind: ParseErrorKind,
+/// Parses exactly one value (surrounding whitespace and comments allowed), with the heap
+/// budget [`budget_for`] its length.
 ///
 /// Anything but whitespace and comments after the value is an error.
 pub fn parse(text: &str) -> Result<Value, ParseError> {
-    let mut p = Parser { src: text, pos: 0 };
+    parse_with_budget(text, budget_for(text.len()))
+}
+
+/// [`parse`] with an explicit heap budget in bytes (see the module docs for what is counted).
+pub fn parse_with_budget(text: &str, budget: usize) -> Result<Value, ParseError> {
+    let mut p = Parser {
+        src: text,
+        pos: 0,
+        budget,
+        left: budget,
+    };
     p.skip_clutter()?;
     let value = p.value(0)?;
     p.skip_clutter()?;
@@ -77,8 +133,21 @@ struct Parser<'a> {
     pos: usize,
 }
 
+    /// The heap budget this parse started with.
+    budget: usize,
+    /// What is left of it.
+    left: usize,
 /// Above this many properties an object gets a hash index for its duplicate-key check.
 const LINEAR_KEY_SEARCH: usize = 16;
+/// Heap one array slot holds.
+const SLOT: usize = std::mem::size_of::<Value>();
+/// Heap one object property slot holds (its key's bytes are counted apart).
+const PROP_SLOT: usize = std::mem::size_of::<(String, Value)>();
+/// Heap one entry of a large object's duplicate-key index holds beyond its key's bytes (a
+/// `String` and a `usize`, plus hashbrown's control byte, 7/8 load factor and power-of-two
+/// bucket count: at most 2 × 8/7 × 33 bytes, rounded up).
+const INDEX_ENTRY: usize = 80;
+
 
 impl<'a> Parser<'a> {
     fn err(&self, offset: usize, reason: impl Into<String>) -> ParseError {
@@ -87,6 +156,61 @@ impl<'a> Parser<'a> {
             reason: reason.into(),
         }
     }
+            kind: ParseErrorKind::Syntax,
+        }
+    }
+
+    /// Counts `bytes` of heap against the budget; errs once it is spent.
+    fn charge(&mut self, bytes: usize) -> Result<()> {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(ParseError {
+                offset: self.pos,
+                reason: format!("value would hold more than {} bytes", self.budget),
+                kind: ParseErrorKind::OverBudget {
+                    budget: self.budget,
+                },
+            }),
+        }
+    }
+
+    /// Makes room for one more item of `slot` bytes in `items`, counting any growth first:
+    /// capacity grows by half (from 1) under our control, never past what the budget has
+    /// left, so what is counted is exactly what is allocated. [`Parser::shrink`] gives the
+    /// spare capacity back when the container closes.
+    fn grow<T>(&mut self, items: &mut Vec<T>, slot: usize) -> Result<()> {
+        if items.len() == items.capacity() {
+            let room = (self.left / slot.max(1)).max(1);
+            // Small arrays (pairs, argument lists) are most of a message: 1, 2, 3, 4, 6, 9…
+            // keeps their slack to a slot or two instead of Vec's first 4.
+            let more = (items.capacity() / 2).max(1).min(room);
+            self.charge(more.saturating_mul(slot))?;
+            items.reserve_exact(more);
+        }
+        Ok(())
+    }
+
+    /// Drops a closed container's spare capacity when there is more than a little (a large
+    /// block shrinks in place) and returns its count to the budget.
+    fn shrink<T>(&mut self, items: &mut Vec<T>, slot: usize) {
+        let before = items.capacity();
+        if before - items.len() > 4 {
+            items.shrink_to_fit();
+            let freed = before.saturating_sub(items.capacity()).saturating_mul(slot);
+            self.left = self.left.saturating_add(freed);
+        }
+    }
+
+    /// Counts the heap a just-parsed child holds that was not counted while it was built (a
+    /// string's bytes; arrays and objects count their own slots).
+    fn charge_leaf(&mut self, value: &Value) -> Result<()> {
+        match value {
+            Value::String(s) => self.charge(s.capacity()),
+            Value::Utf16(units) => self.charge(units.capacity().saturating_mul(2)),
+            _ => Ok(()),
 
     /// An error naming whatever is at the current position.
     fn unexpected(&self, context: &str) -> ParseError {
@@ -179,12 +303,16 @@ impl<'a> Parser<'a> {
                     // A hole.
                     items.push(Value::Undefined);
                     self.pos += 1;
+                    self.grow(&mut items, SLOT)?;
                     continue;
                 }
                 None => return Err(self.err(open, "unterminated array")),
                 _ => {}
             }
-            items.push(self.value(depth)?);
+            let item = self.value(depth)?;
+            self.charge_leaf(&item)?;
+            self.grow(&mut items, SLOT)?;
+            items.push(item);
             self.skip_clutter()?;
             match self.peek() {
                 Some(b',') => self.pos += 1,
@@ -198,6 +326,7 @@ impl<'a> Parser<'a> {
         }
         Ok(Value::Array(items))
     }
+        self.shrink(&mut items, SLOT);
 
     fn object(&mut self, depth: usize) -> Result<Value> {
         self.check_depth(depth)?;
@@ -206,6 +335,7 @@ impl<'a> Parser<'a> {
         let mut props = Props::default();
         loop {
             self.skip_clutter()?;
+        let mut index_cost = 0usize;
             match self.peek() {
                 Some(b'}') => {
                     self.pos += 1;
@@ -225,6 +355,23 @@ impl<'a> Parser<'a> {
             if !matches!(value, Value::Undefined) {
                 props.insert(key, value);
             }
+                self.charge_leaf(&value)?;
+                self.charge(key.capacity())?;
+                if props.items.len() >= LINEAR_KEY_SEARCH {
+                    // Counted even for a repeated key: a bound, not an exact figure. The index
+                    // goes when the object closes, and so does its count.
+                    let entry = INDEX_ENTRY.saturating_add(key.len());
+                    self.charge(entry)?;
+                    index_cost += entry;
+                }
+                if props.items.len() == LINEAR_KEY_SEARCH {
+                    // The index is about to be built over the keys so far.
+                    let keys: usize = props.items.iter().map(|(k, _)| k.len()).sum();
+                    let built = (INDEX_ENTRY * LINEAR_KEY_SEARCH).saturating_add(keys);
+                    self.charge(built)?;
+                    index_cost += built;
+                }
+                self.grow(&mut props.items, PROP_SLOT)?;
             self.skip_clutter()?;
             match self.peek() {
                 Some(b',') => self.pos += 1,
@@ -236,7 +383,10 @@ impl<'a> Parser<'a> {
                 _ => return Err(self.unexpected("where ',' or '}' was expected")),
             }
         }
-        Ok(Value::Object(Object(props.items)))
+        self.left = self.left.saturating_add(index_cost);
+        let mut items = props.items;
+        self.shrink(&mut items, PROP_SLOT);
+        Ok(Value::Object(Object(items)))
     }
 
     /// An object key: identifier, string literal, or unsigned number literal.
