@@ -1,11 +1,14 @@
 //! The `tether` command: run a JSTP server hosting the example application, call it, inspect
 //! it, listen to its events, and benchmark it.
 
+mod admin;
 mod bench;
 mod conductor;
+mod config;
 mod hub;
 mod json;
 mod load;
+mod logging;
 mod serve;
 mod signals;
 
@@ -134,14 +137,7 @@ impl From<Error> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    logging::init_for(&cli.command);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

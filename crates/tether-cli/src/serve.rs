@@ -1,5 +1,7 @@
 //! `tether serve`: the example application on every listener kind the flags ask for.
 
+use crate::admin::Admin;
+use crate::logging::LogFormat;
 use crate::signals::StopSignals;
 use crate::{parse_user, Failure};
 use clap::Args;
@@ -10,7 +12,7 @@ use tether::example::{test_app, ChatHub};
 use tether::transport::{server_config, ListenerOptions};
 use tether::{Endpoint, Error, LoginPolicy, Server, ServerEvent};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub(crate) struct ServeArgs {
     /// TCP listener address (repeatable), e.g. 127.0.0.1:3000.
     #[arg(long, value_name = "ADDR")]
@@ -80,9 +82,70 @@ pub(crate) struct ServeArgs {
     /// Largest message accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = tether_wire::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
+    /// Operating flags: configuration file, logs, admin endpoint, drain (boxed: the command
+    /// enum stays small).
+    #[command(flatten)]
+    pub(crate) ops: Box<OpsArgs>,
+}
+
+/// `tether serve`'s operating flags (see docs/operating.md).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct OpsArgs {
+    /// Read flags from this TOML file first: each key is a flag's long name (kebab or snake
+    /// case), an array repeats a flag, `true` sets a switch. Flags on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Print the effective configuration (the file merged with the flags, defaults included)
+    /// as TOML and exit.
+    #[arg(long)]
+    pub(crate) print_config: bool,
+    /// Log line format on stderr.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax (e.g. `info,tether=debug`). Default: `RUST_LOG`, else
+    /// `info`.
+    #[arg(long, value_name = "FILTER")]
+    pub(crate) log: Option<String>,
+    /// Serve `/metrics`, `/health`, `/ready` and a live admin page over HTTP on this address.
+    /// Off by default; `--admin` alone listens on 127.0.0.1:9090. An address that is not
+    /// loopback needs --admin-token.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9090")]
+    pub(crate) admin: Option<String>,
+    /// Require this token on the admin endpoint (`Authorization: Bearer TOKEN` or
+    /// `?token=TOKEN`), except on `/health`.
+    #[arg(long, value_name = "TOKEN", requires = "admin")]
+    pub(crate) admin_token: Option<String>,
+    /// On SIGTERM or Ctrl-C: how long closing connections and saving their sessions may take
+    /// (milliseconds) before the process exits anyway.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub(crate) drain_timeout: u64,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let args = crate::config::resolve(&args)?;
+    if args.ops.print_config {
+        print!("{}", crate::config::print(&args)?);
+        return Ok(());
+    }
+    if let (Some(addr), None) = (&args.ops.admin, &args.ops.admin_token) {
+        let loopback = addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or_else(|_| addr.starts_with("localhost:"));
+        if !loopback {
+            return Err(Failure::Usage(format!(
+                "--admin {addr}: not a loopback address; add --admin-token"
+            )));
+        }
+    }
+    // The recorder goes in before anything counts, so the figures start at the process start.
+    let recorder = match &args.ops.admin {
+        Some(_) => Some(
+            crate::admin::install_recorder()
+                .map_err(|e| Failure::Usage(format!("--admin: {e}")))?,
+        ),
+        None => None,
+    };
     let mut endpoints: Vec<(&str, Endpoint)> = Vec::new();
     let add = |endpoints: &mut Vec<(&str, Endpoint)>, kind: &'static str, url: String| {
         let endpoint = url
@@ -126,6 +189,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let store = tether::store::open(&args.store)
         .await
         .map_err(|e| Failure::Usage(format!("--store {}: {e}", args.store)))?;
+    let store = match recorder {
+        Some(_) => tether::metrics::MeteredStore::wrap(store),
+        None => store,
+    };
+    let admin_store = store.clone();
     let chat = ChatHub::new();
     let mut builder = Server::builder()
         .application(test_app(chat.clone()))
@@ -172,6 +240,23 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(Error::Transport(tether::TransportError::Io(e))))?;
     let mut ready = serde_json::Map::new();
     ready.insert("ready".into(), json!(true));
+    let admin = match (&args.ops.admin, recorder) {
+        (Some(addr), Some(handle)) => {
+            let (admin, bound) = Admin::start(
+                addr,
+                args.ops.admin_token.clone(),
+                handle,
+                server.clone(),
+                admin_store,
+            )
+            .await
+            .map_err(|e| Failure::Usage(format!("--admin {addr}: {e}")))?;
+            tracing::info!(%bound, "admin listening");
+            ready.insert("admin".into(), json!(bound));
+            Some(admin)
+        }
+        _ => None,
+    };
     if !args.conductor.is_empty() {
         let tokens: Vec<Vec<u8>> = args
             .conductor_token
@@ -194,6 +279,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
                 .await
                 .map_err(|e| Failure::Usage(format!("--conductor {addr}: {e}")))?;
             tracing::info!(%bound, "conductor listening");
+            if let Some(admin) = &admin {
+                admin.listener("conductor", &bound);
+            }
             ready
                 .entry("conductor")
                 .or_insert_with(|| json!([]))
@@ -205,6 +293,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     for (kind, endpoint) in endpoints {
         let addr = server.listen(endpoint.clone()).await?;
         tracing::info!(%endpoint, %addr, "listening");
+        if let Some(admin) = &admin {
+            admin.listener(kind, &addr);
+        }
         ready
             .entry(kind)
             .or_insert_with(|| json!([]))
@@ -212,42 +303,94 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
             .expect("listener entries are arrays")
             .push(json!(addr));
     }
+    if let Some(admin) = &admin {
+        admin.set_ready(true);
+    }
     println!("{}", serde_json::Value::Object(ready));
 
     stop.wait().await;
-    tracing::info!("shutting down");
-    server.shutdown().await;
+    drain(
+        &server,
+        admin.as_ref(),
+        Duration::from_millis(args.ops.drain_timeout),
+    )
+    .await;
     Ok(())
 }
 
+/// Graceful stop: `/ready` turns 503 first (a balancer stops sending), the listeners stop
+/// accepting, every connection is closed, which saves its session to the store (a JSTP
+/// client whose transport closes reconnects and restores it, on this address once a new
+/// process listens there or on another node sharing the store), all within `limit`.
+async fn drain(server: &Server, admin: Option<&Admin>, limit: Duration) {
+    if let Some(admin) = admin {
+        admin.set_ready(false);
+    }
+    let clients = server.clients().len();
+    tracing::info!(clients, limit_ms = limit.as_millis() as u64, "draining");
+    match tokio::time::timeout(limit, server.shutdown()).await {
+        Ok(()) => tracing::info!("drained: every session saved"),
+        Err(_) => tracing::warn!(
+            limit_ms = limit.as_millis() as u64,
+            "drain took too long; exiting with connections still open"
+        ),
+    }
+    if let Some(admin) = admin {
+        // Bounded too: the admin's own event streams end at once on shutdown.
+        let _ = tokio::time::timeout(limit, admin.shutdown()).await;
+    }
+}
+
+/// One info line per connection lifecycle event (accepted, handshake, detached, restored,
+/// closed with its cause); handshake requests and calls stay below info.
 fn log_server_event(event: &ServerEvent) {
     match event {
-        ServerEvent::Connect(c) => tracing::info!(
-            id = c.id(),
-            remote = ?c.remote_addr(),
-            user = ?c.username(),
-            "client connected"
-        ),
-        ServerEvent::Disconnect(c) => tracing::info!(id = c.id(), "client disconnected"),
-        ServerEvent::Reconnect(c) => tracing::info!(
-            id = c.id(),
-            remote = ?c.remote_addr(),
-            session = ?c.session_tag(),
-            "client restored its session"
-        ),
-        ServerEvent::RestoreSession(_) => {}
         ServerEvent::HandshakeRequest {
             connection,
             app,
             strategy,
-        } => tracing::debug!(id = connection.id(), %app, %strategy, "handshake request"),
+        } => {
+            tracing::info!(
+                id = connection.id(),
+                remote = %connection.remote_addr().unwrap_or_default(),
+                transport = ?connection.transport_info().map(|i| i.kind).unwrap_or(tether::TransportKind::Tcp),
+                %app,
+                %strategy,
+                "connection accepted"
+            );
+            // The closing line, whatever ends it.
+            let c = connection.clone();
+            tokio::spawn(async move {
+                c.closed().await;
+                tracing::info!(id = c.id(), session = %c.session_tag().unwrap_or_default(), "connection closed");
+            });
+        }
+        ServerEvent::Connect(c) => tracing::info!(
+            id = c.id(),
+            remote = %c.remote_addr().unwrap_or_default(),
+            user = %c.username().unwrap_or_default(),
+            session = %c.session_tag().unwrap_or_default(),
+            "handshake: new session"
+        ),
+        ServerEvent::Disconnect(c) => {
+            tracing::info!(id = c.id(), session = %c.session_tag().unwrap_or_default(), "client detached")
+        }
+        ServerEvent::Reconnect(c) => tracing::info!(
+            id = c.id(),
+            remote = %c.remote_addr().unwrap_or_default(),
+            session = %c.session_tag().unwrap_or_default(),
+            "handshake: session restored"
+        ),
+        ServerEvent::RestoreSession(_) => {}
         ServerEvent::HandshakeTimeout(c) => {
-            tracing::warn!(id = c.id(), remote = ?c.remote_addr(), "handshake timeout")
+            tracing::warn!(id = c.id(), remote = %c.remote_addr().unwrap_or_default(), "handshake timeout")
         }
         ServerEvent::ConnectionError { connection, error } => tracing::warn!(
             id = ?connection.as_ref().map(|c| c.id()),
-            %error,
+            cause = %error,
             "connection error"
         ),
+        #[allow(unreachable_patterns)]
+        _ => {}
     }
 }

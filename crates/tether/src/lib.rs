@@ -43,6 +43,7 @@ pub mod example;
 pub mod http;
 pub mod hub;
 pub mod memory;
+pub mod metrics;
 pub mod reconnect;
 pub mod server;
 pub mod store;

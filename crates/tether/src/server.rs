@@ -394,6 +394,7 @@ impl ServerHooks for Hooks {
     }
 
     fn on_ready(&self, conn: &Connection, restored: bool, session: String) {
+        crate::metrics::handshake_ready(restored);
         lock(&self.0.clients).insert(conn.id(), conn.clone());
         if let Some(id) = conn.session_id() {
             lock(&self.0.sessions).insert(id.clone(), conn.clone());
@@ -440,6 +441,7 @@ impl ServerHooks for Hooks {
         let inner = self.0.clone();
         let conn = conn.clone();
         Box::pin(async move {
+            crate::metrics::connection_closed(conn.transport_info().map(|i| i.kind), "jstp");
             lock(&inner.all).remove(&conn.id());
             if was_ready && lock(&inner.clients).remove(&conn.id()).is_some() {
                 inner.emit(ServerEvent::Disconnect(conn.clone()));
@@ -475,6 +477,7 @@ impl ServerHooks for Hooks {
     }
 
     fn on_handshake_timeout(&self, conn: &Connection) {
+        crate::metrics::handshake_timeout();
         self.0.emit(ServerEvent::HandshakeTimeout(conn.clone()));
     }
 
@@ -571,6 +574,7 @@ impl Server {
 
     /// Serves an already established transport (custom transports, tests).
     pub fn serve_transport(&self, transport: Transport) -> Connection {
+        crate::metrics::connection_opened(transport.info.kind, "jstp");
         let conn = connection::start_server(
             transport,
             self.inner.connection.clone(),

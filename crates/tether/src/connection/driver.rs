@@ -503,6 +503,7 @@ impl Driver {
             }
             Phase::Detached => {
                 self.phase = Phase::Detached;
+                crate::metrics::session_expired();
                 Err(Stop::Gone(Some("session expired".into())))
             }
             other => {
@@ -576,6 +577,7 @@ impl Driver {
                     h.on_error(&self.conn, reason);
                 }
                 self.phase = Phase::Detached;
+                crate::metrics::session_detached(self.session.as_ref());
                 self.timer = Some(tokio::time::Instant::now() + self.client_expiration);
                 if let (Some(h), Some(s)) = (&self.hooks, &self.session) {
                     h.on_detach(&self.conn, s.encode());
@@ -731,6 +733,7 @@ impl Driver {
 
     fn on_emit(&mut self, event: &PreparedEvent) -> Result<(), Stop> {
         // Handles queue events only once the handshake is done (and so a session exists).
+        crate::metrics::event_sent();
         let id = self.next_id();
         match self.send_buffered(id, SessionKind::Event, event.with_id(id)) {
             Ok(()) => Ok(()),
@@ -742,6 +745,7 @@ impl Driver {
     /// session ends (and is not kept for a restore, which would be silently incomplete).
     fn overflow(&mut self) -> Result<(), Stop> {
         let reason = self.slow_consumer();
+        crate::metrics::slow_consumer(self.session.as_ref());
         tracing::warn!(conn = self.conn.id(), %reason, "resend buffer full: session ended");
         self.emit_event(ConnectionEvent::Error {
             error: reason.to_string(),
@@ -981,6 +985,7 @@ impl Driver {
                     self.reject(&text, "event arguments are not an array");
                     return Ok(());
                 };
+                crate::metrics::event_received();
                 if let Some(app) = &self.app {
                     app.handle_event(self.conn.clone(), &iface, &event, args.clone());
                 }
@@ -1061,6 +1066,7 @@ impl Driver {
             }
             None => Err(RemoteErrorArray::code(ErrorCode::InterfaceNotFound)),
         };
+        let started = crate::metrics::time_call(&iface, &method, started);
         match started {
             Err(e) => self.answer(id, Err(e)),
             Ok(mut fut) => {
