@@ -273,3 +273,46 @@ fn conductor_cli_against_the_holochain_websocket_crate() {
     let status = common::wait_within(&mut proc.0, DEADLINE, "conductor signals --count 2");
     assert!(status.success());
 }
+
+/// `wss://` with `--ca` (trust a CA file) or `--insecure`, against the Node conductor-style
+/// server of `interop/conductor-peer.mjs` over TLS; without either the handshake fails.
+#[test]
+fn conductor_call_over_wss_with_ca_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop");
+    assert!(
+        interop.join("node_modules/ws").exists(),
+        "interop/node_modules is missing: run `npm ci --ignore-scripts` in interop/"
+    );
+    let child = std::process::Command::new("node")
+        .arg(interop.join("conductor-peer.mjs"))
+        .arg("server")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("node is not installed");
+    let mut peer = common::Proc(child);
+    let ready = peer.stdout_lines("conductor-peer").json("its ready line");
+    assert_eq!(ready["tls"], true, "{ready}");
+    let url = format!("wss://127.0.0.1:{}", ready["port"]);
+    let ok = (Some(0), vec![serde_json::json!({"result": 42})]);
+    let cert = cert.to_str().unwrap();
+    assert_eq!(conductor(&["call", &url, "answer", "--ca", cert]), ok);
+    assert_eq!(conductor(&["call", &url, "answer", "--insecure"]), ok);
+    let (code, lines) = conductor(&["call", &url, "answer"]);
+    assert_eq!(
+        (code, lines[0]["error"]["kind"].as_str()),
+        (Some(1), Some("connect"))
+    );
+}
