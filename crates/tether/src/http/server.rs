@@ -1,0 +1,751 @@
+//! The server side: [`HttpServer`] (accepting, limits, timeouts, graceful drain),
+//! [`ServerConnection`] (streams taken one by one) and [`ServerStream`] (one request and the
+//! response to it).
+
+use super::body::{body_read_methods, body_write_methods, HasBody, OutBody, Outgoing};
+use super::{header_map, within, BodyReader, HttpError, HttpVersion, RequestHead, Role};
+use futures::future::BoxFuture;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+type StreamHandler =
+    Arc<dyn Fn(ServerStream) -> BoxFuture<'static, Result<(), HttpError>> + Send + Sync>;
+type ErrorHandler = Arc<dyn Fn(HttpError) + Send + Sync>;
+
+/// Whether a server speaks TLS.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum TlsMode {
+    /// Plain HTTP only (HTTP/1.1, or HTTP/2 with prior knowledge).
+    Disabled,
+    /// TLS required (ALPN `h2`, `http/1.1`).
+    Required(Arc<rustls::ServerConfig>),
+    /// TLS when the client starts with a TLS handshake, plain otherwise.
+    Auto(Arc<rustls::ServerConfig>),
+}
+
+/// Server options. Every limit is per server unless its name says otherwise.
+#[derive(Clone)]
+pub struct ServerOptions {
+    on_stream: StreamHandler,
+    on_error: Option<ErrorHandler>,
+    /// TLS. Default disabled.
+    pub tls: TlsMode,
+    /// Most handlers running at once across the server (a fair, first-come first-served
+    /// bound: a stream waits for a slot in arrival order, whatever its connection).
+    /// Default 256.
+    pub max_concurrent: usize,
+    /// Most handlers running at once for one connection; sent as HTTP/2's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` (HTTP/1.1 runs one at a time anyway). Keep it below
+    /// `max_concurrent`, so one connection cannot take every slot. Default 100.
+    pub max_streams_per_connection: usize,
+    /// Time a new connection (plain HTTP/1.1, HTTP/2 by prior knowledge, or TLS) gets for its
+    /// TLS handshake and its first request head; past it the connection is closed and
+    /// [`HttpError::Timeout`] reported. Default 10 s (lua-http's `connection_setup_timeout`).
+    pub connection_setup_timeout: Duration,
+    /// Time a client gets to finish sending an HTTP/1.1 request head. Default 30 s.
+    pub intra_stream_timeout: Duration,
+    /// Time a connection may stay without a running request before it is shut down
+    /// gracefully (HTTP/2: GOAWAY; HTTP/1.1: closed between requests). Default 60 s
+    /// (lua-http bounds the wait for a connection's next request with
+    /// `intra_stream_timeout`).
+    pub idle_timeout: Duration,
+    /// Largest request head. Default 64 KiB (larger: 431 on HTTP/1.1).
+    pub max_header_size: usize,
+}
+
+impl ServerOptions {
+    /// Options with `on_stream` handling each request.
+    pub fn new<F, Fut>(on_stream: F) -> Self
+    where
+        F: Fn(ServerStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HttpError>> + Send + 'static,
+    {
+        ServerOptions {
+            on_stream: Arc::new(move |s| Box::pin(on_stream(s))),
+            on_error: None,
+            tls: TlsMode::Disabled,
+            max_concurrent: 256,
+            max_streams_per_connection: 100,
+            connection_setup_timeout: Duration::from_secs(10),
+            intra_stream_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_header_size: 64 * 1024,
+        }
+    }
+
+    /// Called with connection and handler errors.
+    pub fn on_error(mut self, f: impl Fn(HttpError) + Send + Sync + 'static) -> Self {
+        self.on_error = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets the TLS mode.
+    pub fn tls(mut self, tls: TlsMode) -> Self {
+        self.tls = tls;
+        self
+    }
+}
+
+/// One server-side connection's state, shared by its streams.
+struct ConnState {
+    /// Requests in progress (from their head until their handler ends).
+    active: watch::Sender<usize>,
+    /// A request head has arrived: the connection is set up.
+    seen_request: AtomicBool,
+    /// Asks the connection to shut down gracefully (GOAWAY on demand).
+    goaway: Notify,
+    /// This connection's share of handler slots (`max_streams_per_connection`).
+    permits: Arc<Semaphore>,
+}
+
+/// Counts one request as in progress on its connection until dropped.
+struct Active(Arc<ConnState>);
+
+impl Active {
+    fn new(conn: &Arc<ConnState>) -> Self {
+        conn.active.send_modify(|n| *n += 1);
+        Active(conn.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n -= 1);
+    }
+}
+
+/// One request on a server connection, and the response to write. A handler that drops it
+/// without writing headers answers 500, or 400 when the request body was malformed.
+pub struct ServerStream {
+    head: RequestHead,
+    incoming: BodyReader,
+    response: Option<oneshot::Sender<Response<OutBody>>>,
+    body: Outgoing,
+    peer: Option<String>,
+    conn: Arc<ConnState>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl std::fmt::Debug for ServerStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerStream")
+            .field("head", &self.head)
+            .finish()
+    }
+}
+
+impl Drop for ServerStream {
+    fn drop(&mut self) {
+        if let Some(tx) = self.response.take() {
+            let status = if self.incoming.failed() { 400 } else { 500 };
+            let _ = tx.send(status_only(status));
+        }
+    }
+}
+
+fn status_only(status: u16) -> Response<OutBody> {
+    let mut response = Response::new(OutBody::empty());
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    response
+}
+
+impl HasBody for ServerStream {
+    fn body_ready(
+        &mut self,
+    ) -> impl Future<Output = Result<&mut BodyReader, HttpError>> + Send + '_ {
+        std::future::ready(Ok(&mut self.incoming))
+    }
+
+    fn body_reader(&self) -> &BodyReader {
+        &self.incoming
+    }
+}
+
+impl ServerStream {
+    /// The request head.
+    pub fn get_headers(&self) -> &RequestHead {
+        &self.head
+    }
+
+    /// The client's address.
+    #[doc(alias = "peername")]
+    pub fn peer_addr(&self) -> Option<String> {
+        self.peer.clone()
+    }
+
+    body_read_methods!();
+
+    /// Tells an HTTP/1.1 client that sent `Expect: 100-continue` to send its body (hyper
+    /// writes `100 Continue` when the body is first read; the chunk this reads is kept for
+    /// the next read). Without that expectation it does nothing. Not supported over HTTP/2
+    /// (hyper's HTTP/2 server cannot send interim responses): there it fails with
+    /// [`HttpError::State`].
+    pub async fn write_continue(&mut self) -> Result<(), HttpError> {
+        let expects = self
+            .head
+            .headers
+            .get(hyper::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects {
+            return Ok(());
+        }
+        if self.head.version == HttpVersion::Http2 {
+            return Err(HttpError::State(
+                "interim responses are not supported over HTTP/2",
+            ));
+        }
+        if let Some(chunk) = self.incoming.next_chunk().await? {
+            self.incoming.unget(&chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the response head; with `end_stream` there is no body.
+    pub async fn write_headers(
+        &mut self,
+        status: u16,
+        headers: &[(&str, &str)],
+        end_stream: bool,
+    ) -> Result<(), HttpError> {
+        let headers = header_map(headers)?;
+        let status = hyper::StatusCode::from_u16(status).map_err(|e| HttpError::Invalid {
+            what: "status".into(),
+            source: e.into(),
+        })?;
+        let tx = self
+            .response
+            .take()
+            .ok_or(HttpError::State("headers already written"))?;
+        let (writer, body) = if end_stream {
+            (Outgoing::default(), OutBody::empty())
+        } else {
+            OutBody::channel()
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        self.body = writer;
+        tx.send(response)
+            .map_err(|_| HttpError::Closed("the client went away"))
+    }
+
+    body_write_methods!();
+
+    /// Switches the connection to another protocol (HTTP/1.1 `Upgrade`, e.g. a WebSocket on
+    /// the same port): answers `101 Switching Protocols` with `headers` and returns the raw
+    /// connection once hyper has handed it over.
+    pub async fn upgrade(
+        mut self,
+        headers: &[(&str, &str)],
+    ) -> Result<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, HttpError> {
+        let on = self
+            .upgrade
+            .take()
+            .ok_or(HttpError::State("this request cannot be upgraded"))?;
+        self.write_headers(101, headers, true).await?;
+        let io = on.await.map_err(HttpError::Connection)?;
+        Ok(hyper_util::rt::TokioIo::new(io))
+    }
+
+    /// Asks the connection to shut down gracefully: on HTTP/2 a GOAWAY (open streams finish,
+    /// no new ones), on HTTP/1.1 the connection closes after this exchange.
+    #[doc(alias = "goaway")]
+    pub fn shutdown_connection(&self) {
+        self.conn.goaway.notify_one();
+    }
+}
+
+struct ServerShared {
+    options: ServerOptions,
+    /// The global, first-come first-served bound on running handlers.
+    permits: Arc<Semaphore>,
+    /// Handlers running now (counted until each ends, cancelled or not).
+    running: AtomicUsize,
+    stop: watch::Sender<bool>,
+    paused: watch::Sender<bool>,
+    /// Connections being served.
+    connections: watch::Sender<usize>,
+}
+
+/// An HTTP/1.1 and HTTP/2 server (the version is detected per connection).
+#[derive(Clone)]
+pub struct HttpServer {
+    shared: Arc<ServerShared>,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer").finish_non_exhaustive()
+    }
+}
+
+/// One server-side connection whose streams the caller takes one by one (lua-http's
+/// `get_next_incoming_stream`), instead of an `on_stream` handler.
+pub struct ServerConnection {
+    streams: mpsc::Receiver<ServerStream>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ServerConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConnection").finish_non_exhaustive()
+    }
+}
+
+impl ServerConnection {
+    /// Serves HTTP/1.1 or HTTP/2 (detected) on `io` with `options` (its `on_stream` is not
+    /// used). Up to `max_streams_per_connection` streams wait to be taken.
+    pub fn new(
+        io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        mut options: ServerOptions,
+    ) -> ServerConnection {
+        let (tx, streams) = mpsc::channel(options.max_streams_per_connection.max(1));
+        options.on_stream = Arc::new(move |stream| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                tx.send(stream)
+                    .await
+                    .map_err(|_| HttpError::Closed("no one takes streams"))
+            })
+        });
+        let server = HttpServer::new(options);
+        let task = tokio::spawn(async move { server.serve_io(io, None).await });
+        ServerConnection { streams, task }
+    }
+
+    /// Always [`Role::Server`].
+    pub fn role(&self) -> Role {
+        Role::Server
+    }
+
+    /// The next request; `Ok(None)` once the connection has ended (EOF or GOAWAY).
+    #[doc(alias = "get_next_incoming_stream")]
+    pub async fn next_incoming_stream(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ServerStream>, HttpError> {
+        within(timeout, async { Ok(self.streams.recv().await) }).await
+    }
+
+    /// Ends the connection now.
+    pub fn close(&self) {
+        self.task.abort();
+    }
+}
+
+/// Counts one running handler until dropped.
+struct Running(Arc<ServerShared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How long the accept loop waits after an accept error (e.g. EMFILE) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+impl HttpServer {
+    /// A server with `options`.
+    pub fn new(options: ServerOptions) -> HttpServer {
+        let permits = Arc::new(Semaphore::new(options.max_concurrent.max(1)));
+        HttpServer {
+            shared: Arc::new(ServerShared {
+                options,
+                permits,
+                running: AtomicUsize::new(0),
+                stop: watch::channel(false).0,
+                paused: watch::channel(false).0,
+                connections: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// Handlers running now: each is counted from its start until it ends, including one
+    /// cancelled because its stream was reset or its connection closed.
+    pub fn running(&self) -> usize {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// Connections being served now.
+    pub fn connections(&self) -> usize {
+        *self.shared.connections.borrow()
+    }
+
+    /// Stops accepting new connections (they wait in the listen backlog); open connections
+    /// go on.
+    pub fn pause(&self) {
+        self.shared.paused.send_replace(true);
+    }
+
+    /// Accepts again after [`HttpServer::pause`].
+    pub fn resume(&self) {
+        self.shared.paused.send_replace(false);
+    }
+
+    /// Runs `accept` until shutdown, serving what it returns; waits while paused and backs
+    /// off after errors (so EMFILE neither spins nor ends the loop).
+    fn accept_loop<T, F>(&self, mut accept: impl FnMut() -> F + Send + 'static)
+    where
+        T: Send + 'static,
+        F: Future<Output = std::io::Result<T>> + Send,
+        Self: Serve<T>,
+    {
+        let server = self.clone();
+        let mut stop = self.shared.stop.subscribe();
+        let mut paused = self.shared.paused.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    _ = paused.wait_for(|p| !p) => {}
+                }
+                let accepted = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    _ = paused.wait_for(|p| *p) => continue,
+                    accepted = accept() => accepted,
+                };
+                match accepted {
+                    Ok(io) => {
+                        let server = server.clone();
+                        tokio::spawn(async move { server.serve_accepted(io).await });
+                    }
+                    Err(source) => {
+                        server.error(HttpError::Connect {
+                            addr: "accept".into(),
+                            source,
+                        });
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Listens on `addr` (`host:port`); returns the bound address.
+    pub async fn listen(&self, addr: &str) -> Result<String, HttpError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| HttpError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| HttpError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?
+            .to_string();
+        let listener = Arc::new(listener);
+        self.accept_loop(move || {
+            let listener = listener.clone();
+            async move { listener.accept().await }
+        });
+        Ok(local)
+    }
+
+    /// Listens on a Unix socket at `path`. A socket file left by a dead server is replaced;
+    /// one a live server still answers on is not ([`HttpError::Connect`], address in use).
+    pub async fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> Result<(), HttpError> {
+        let path = path.as_ref().to_owned();
+        let addr = path.display().to_string();
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            return Err(HttpError::Connect {
+                addr,
+                source: std::io::ErrorKind::AddrInUse.into(),
+            });
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|source| HttpError::Connect { addr, source })?;
+        let listener = Arc::new(listener);
+        let peer = path.display().to_string();
+        self.accept_loop(move || {
+            let listener = listener.clone();
+            let peer = peer.clone();
+            async move { listener.accept().await.map(|(io, _)| (io, peer)) }
+        });
+        Ok(())
+    }
+
+    fn error(&self, e: HttpError) {
+        if let Some(f) = &self.shared.options.on_error {
+            f(e);
+        }
+    }
+
+    async fn serve_tcp(&self, tcp: TcpStream, peer: String) {
+        let _ = tcp.set_nodelay(true);
+        let setup = self.shared.options.connection_setup_timeout;
+        let deadline = Instant::now() + setup;
+        let tls = match &self.shared.options.tls {
+            TlsMode::Disabled => None,
+            TlsMode::Required(c) => Some(c.clone()),
+            TlsMode::Auto(c) => {
+                let mut first = [0u8; 1];
+                match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+                    Ok(Ok(1)) if first[0] == 0x16 => Some(c.clone()),
+                    Ok(Ok(_)) => None,
+                    Ok(Err(_)) => return,
+                    Err(_) => return self.error(HttpError::Timeout(setup)),
+                }
+            }
+        };
+        match tls {
+            None => self.serve_until(tcp, Some(peer), deadline).await,
+            Some(config) => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => self.serve_until(tls, Some(peer), deadline).await,
+                    Ok(Err(source)) => self.error(HttpError::Tls { peer, source }),
+                    Err(_) => self.error(HttpError::Timeout(setup)),
+                }
+            }
+        }
+    }
+
+    /// Serves one connection over any byte stream (in-memory duplex, Unix socket, …) until
+    /// it ends, with the same setup and idle timeouts as a listener's connections.
+    pub async fn serve_io(
+        &self,
+        io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        peer: Option<String>,
+    ) {
+        let deadline = Instant::now() + self.shared.options.connection_setup_timeout;
+        self.serve_until(io, peer, deadline).await
+    }
+
+    async fn serve_until(
+        &self,
+        io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        peer: Option<String>,
+        setup_deadline: Instant,
+    ) {
+        let options = &self.shared.options;
+        if *self.shared.stop.borrow() {
+            return;
+        }
+        self.shared.connections.send_modify(|n| *n += 1);
+        struct Counted(Arc<ServerShared>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.connections.send_modify(|n| *n -= 1);
+            }
+        }
+        let _counted = Counted(self.shared.clone());
+        let conn_state = Arc::new(ConnState {
+            active: watch::channel(0).0,
+            seen_request: AtomicBool::new(false),
+            goaway: Notify::new(),
+            permits: Arc::new(Semaphore::new(options.max_streams_per_connection.max(1))),
+        });
+        let server = self.clone();
+        let state = conn_state.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let server = server.clone();
+            let peer = peer.clone();
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(server.handle(req, peer, state).await) }
+        });
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(options.intra_stream_timeout)
+            .max_buf_size(options.max_header_size.max(8192));
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(options.max_streams_per_connection as u32)
+            .max_header_list_size(options.max_header_size as u32);
+        let mut conn =
+            pin!(builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service));
+        let mut stop = self.shared.stop.subscribe();
+        let mut active = conn_state.active.subscribe();
+        let mut draining = false;
+        // Until the first request: the setup deadline; then, whenever no request is in
+        // progress, the idle deadline; after a graceful shutdown started, a last deadline for
+        // the peer to finish.
+        let mut deadline = Some(setup_deadline);
+        loop {
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        let e = match e.downcast::<hyper::Error>() {
+                            Ok(e) => HttpError::Connection(*e),
+                            Err(e) => HttpError::Handler(e),
+                        };
+                        self.error(e);
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                    deadline = Some(Instant::now() + options.connection_setup_timeout);
+                }
+                _ = conn_state.goaway.notified(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = active.changed(), if !draining => {
+                    if conn_state.seen_request.load(Ordering::SeqCst) {
+                        deadline = (*active.borrow_and_update() == 0)
+                            .then(|| Instant::now() + options.idle_timeout);
+                    }
+                }
+                _ = sleep => {
+                    if draining {
+                        return; // The peer did not finish in time: closed.
+                    }
+                    if !conn_state.seen_request.load(Ordering::SeqCst) {
+                        self.error(HttpError::Timeout(options.connection_setup_timeout));
+                        return; // Dropping the connection closes it.
+                    }
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                    deadline = Some(Instant::now() + options.connection_setup_timeout);
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: Option<String>,
+        conn: Arc<ConnState>,
+    ) -> Response<OutBody> {
+        let active = Active::new(&conn);
+        conn.seen_request.store(true, Ordering::SeqCst);
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
+        if req.version() == hyper::Version::HTTP_11
+            && !req.headers().contains_key(hyper::header::HOST)
+        {
+            return status_only(400);
+        }
+        // The connection's own slot first, so its excess waits here and not in the global
+        // queue; then a global slot, first come first served.
+        let Ok(own) = conn.permits.clone().acquire_owned().await else {
+            return status_only(503);
+        };
+        let Ok(global) = self.shared.permits.clone().acquire_owned().await else {
+            return status_only(503);
+        };
+        let upgrade = (req.version() == hyper::Version::HTTP_11
+            && req.headers().contains_key(hyper::header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let head = RequestHead {
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.to_string(), |p| p.to_string()),
+            headers: parts.headers,
+            version: HttpVersion::of(parts.version),
+        };
+        let (tx, rx) = oneshot::channel();
+        let stream = ServerStream {
+            head,
+            incoming: BodyReader::new(Some(body)),
+            response: Some(tx),
+            body: Outgoing::default(),
+            peer,
+            conn: conn.clone(),
+            upgrade,
+        };
+        let handler = self.shared.options.on_stream.clone();
+        let server = self.clone();
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(self.shared.clone());
+        let task = tokio::spawn(async move {
+            // Held until the handler ends, or is cancelled: its slots and its count.
+            let _slots: (OwnedSemaphorePermit, OwnedSemaphorePermit, Active, Running) =
+                (own, global, active, running);
+            if let Err(e) = handler(stream).await {
+                server.error(e);
+            }
+        });
+        // Until the head is answered, dropping this future (stream reset, connection closed)
+        // cancels the handler; afterwards the response body does.
+        struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                if let Some(task) = self.0.take() {
+                    task.abort();
+                }
+            }
+        }
+        let mut guard = AbortOnDrop(Some(task.abort_handle()));
+        match rx.await {
+            Ok(mut response) => {
+                if let Some(task) = guard.0.take() {
+                    response.body_mut().cancels(task);
+                }
+                response
+            }
+            // The handler was cancelled or panicked before answering.
+            Err(_) => status_only(500),
+        }
+    }
+
+    /// Stops accepting, lets open connections finish their streams (GOAWAY on HTTP/2,
+    /// `Connection: close` on HTTP/1.1), and waits for them (a connection whose peer does not
+    /// finish within `connection_setup_timeout` is closed).
+    pub async fn shutdown(&self) {
+        self.shared.stop.send_replace(true);
+        let mut connections = self.shared.connections.subscribe();
+        let _ = connections.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// How an accept loop hands over what it accepted.
+trait Serve<T> {
+    fn serve_accepted(&self, io: T) -> impl Future<Output = ()> + Send;
+}
+
+impl Serve<(TcpStream, std::net::SocketAddr)> for HttpServer {
+    fn serve_accepted(
+        &self,
+        (tcp, peer): (TcpStream, std::net::SocketAddr),
+    ) -> impl Future<Output = ()> + Send {
+        let server = self.clone();
+        async move { server.serve_tcp(tcp, peer.to_string()).await }
+    }
+}
+
+impl Serve<(tokio::net::UnixStream, String)> for HttpServer {
+    fn serve_accepted(
+        &self,
+        (io, peer): (tokio::net::UnixStream, String),
+    ) -> impl Future<Output = ()> + Send {
+        let server = self.clone();
+        async move {
+            let deadline = Instant::now() + server.shared.options.connection_setup_timeout;
+            server.serve_until(io, Some(peer), deadline).await
+        }
+    }
+}
