@@ -36,6 +36,7 @@ use serde::de::{
     SeqAccess, Unexpected, VariantAccess, Visitor,
 };
 use serde::ser::{self, Serialize, Serializer};
+use std::cell::{Cell, RefCell};
 use std::fmt;
 
 /// `Number.MAX_SAFE_INTEGER`: the largest integer `n` such that `n` and `n + 1` are both exact
@@ -425,9 +426,19 @@ impl Serializer for ValueSerializer {
     }
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
         self,
-        _name: &'static str,
+        name: &'static str,
         value: &T,
     ) -> Result<Value, ValueError> {
+        if name == UTF16_MARKER {
+            // A `Value::Utf16` serializing itself: take its code units, not the lossy text.
+            CAPTURE_UTF16.set(true);
+            let lossy = value.serialize(self);
+            CAPTURE_UTF16.set(false);
+            return match UTF16_UNITS.take() {
+                Some(units) => Ok(Value::Utf16(units)),
+                None => lossy,
+            };
+        }
         value.serialize(self)
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -667,12 +678,52 @@ impl Serialize for Value {
                 None => s.serialize_f64(*n),
             },
             Value::String(v) => s.serialize_str(v),
-            // serde's strings are UTF-8: lone surrogates become U+FFFD.
-            Value::Utf16(_) => s.serialize_str(&self.to_js_string()),
+            // serde's strings are UTF-8: to other serializers lone surrogates become U+FFFD
+            // (a newtype struct is transparent to them); `to_value` keeps the code units.
+            Value::Utf16(units) => s.serialize_newtype_struct(UTF16_MARKER, &Utf16Str(units)),
             Value::Array(items) => s.collect_seq(items),
             Value::Object(o) => s.collect_map(o.iter()),
         }
     }
+}
+
+// A string with lone surrogates cannot be a serde string (UTF-8), so between our own
+// serializer/deserializer and `Value`'s own Serialize/Deserialize its UTF-16 code units go by
+// a side channel on the thread, and everyone else sees the lossy text. This keeps a `Value`
+// exact through `to_value`/`from_value` and typed methods taking or returning `Value`
+// (`@metarhia/jstp` echoes `'\ud800x'` exactly, so we must too).
+
+/// The newtype name under which a `Value::Utf16` serializes.
+const UTF16_MARKER: &str = "$tether_wire::Utf16";
+
+thread_local! {
+    /// Set while `ValueSerializer` serializes a [`UTF16_MARKER`] newtype.
+    static CAPTURE_UTF16: Cell<bool> = const { Cell::new(false) };
+    /// The code units handed over: by [`Utf16Str`] to the serializer, or by the deserializer
+    /// to [`ValueVisitor`] for the string it is visiting. At most one string's worth.
+    static UTF16_UNITS: RefCell<Option<Vec<u16>>> = const { RefCell::new(None) };
+}
+
+/// A `Value::Utf16`'s code units: the lossy text, or the units themselves to `to_value`.
+struct Utf16Str<'a>(&'a [u16]);
+
+impl Serialize for Utf16Str<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if CAPTURE_UTF16.get() {
+            UTF16_UNITS.set(Some(self.0.to_vec()));
+        }
+        s.serialize_str(&String::from_utf16_lossy(self.0))
+    }
+}
+
+/// Visits a lone-surrogate string: `visitor` sees the lossy text, and [`ValueVisitor`] (only
+/// it reads the side channel, and only when the text matches) the exact code units.
+fn visit_utf16<'de, V: Visitor<'de>>(units: Vec<u16>, visitor: V) -> Result<V::Value, ValueError> {
+    let lossy = String::from_utf16_lossy(&units);
+    UTF16_UNITS.set(Some(units));
+    let out = visitor.visit_string(lossy);
+    UTF16_UNITS.set(None);
+    out
 }
 
 /// `n` as an integer, if it is one within ±(2^53 − 1) (and not `-0`).
@@ -715,10 +766,14 @@ impl<'de> Visitor<'de> for ValueVisitor {
         Ok(Value::Number(v))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+        self.visit_string(v.to_owned())
     }
     fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+        // Our deserializer visiting a lone-surrogate string left its units (see `visit_utf16`).
+        match UTF16_UNITS.take() {
+            Some(units) if String::from_utf16_lossy(&units) == v => Ok(Value::Utf16(units)),
+            _ => Ok(Value::String(v)),
+        }
     }
     fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Value, E> {
         Ok(Value::Array(
@@ -803,8 +858,8 @@ impl<'de> Deserializer<'de> for Value {
                 None => visitor.visit_f64(n),
             },
             Value::String(s) => visitor.visit_string(s),
-            // serde's strings are UTF-8: lone surrogates become U+FFFD.
-            Value::Utf16(units) => visitor.visit_string(String::from_utf16_lossy(&units)),
+            // serde's strings are UTF-8: lone surrogates become U+FFFD, except to `Value`.
+            Value::Utf16(units) => visit_utf16(units, visitor),
             Value::Array(items) => visit_array(items, visitor),
             Value::Object(o) => visit_object(o, visitor),
         }
@@ -1279,8 +1334,19 @@ mod tests {
 
     #[test]
     fn value_round_trips_through_itself() {
-        let v = crate::parse("{a:[1,,null,'x',{b:true}],'7':-2.5,c:undefined}").unwrap();
+        let v = crate::parse("{a:[1,,null,'x',{b:true}],'7':-2.5,c:undefined,d:'\\ud800x'}")
+            .unwrap();
+        let Value::Object(o) = &v else {
+            panic!("{v:?}")
+        };
+        let d = o.get("d").unwrap().clone();
+        assert!(matches!(d, Value::Utf16(_)), "{v:?}");
         assert_eq!(to_value(&v).unwrap(), v);
         assert_eq!(from_value::<Value>(v.clone()).unwrap(), v);
+        // In an argument list too; a `String` cannot hold it and refuses it.
+        let args: (Value, Value) = from_args(vec![v.clone(), d.clone()]).unwrap();
+        assert_eq!(args, (v.clone(), d.clone()));
+        assert!(from_args::<(String,)>(vec![d.clone()]).is_err());
+        assert_eq!(to_args(&(&v, &d)).unwrap(), vec![v, d]);
     }
 }
