@@ -61,3 +61,4 @@ pub use server::{AuthPolicy, AuthRequest, LoginPolicy, Server, ServerBuilder, Se
 pub use tether_wire::{from_value, to_value, Auth, ErrorCode, Value, ValueError};
 pub use transport::{Endpoint, TransportError, TransportKind};
 pub use typed::{TypedBroadcast, TypedConnection, TypedError, TypedProxy};
+pub use tether_macros::interface;

@@ -3,8 +3,9 @@
 //!
 //! The server side is [`Interface::typed_method`](crate::Interface::typed_method) and
 //! [`Interface::on_typed_event`](crate::Interface::on_typed_event); the calling side is the
-//! [`TypedConnection`] extension trait on [`Connection`], [`TypedProxy`] on [`RemoteProxy`]
-//! and [`TypedBroadcast`] on [`Server`].
+//! [`TypedConnection`] extension trait on [`Connection`] (calls, emits, and the peer's events
+//! as a typed [`EventStream`]), [`TypedProxy`] on [`RemoteProxy`] and [`TypedBroadcast`] on
+//! [`Server`]. The `#[interface]` macro ([`crate::interface`]) builds on these.
 //!
 //! ```
 //! use tether::typed::TypedConnection;
@@ -33,18 +34,26 @@
 //! # }
 //! ```
 
-use crate::connection::{Connection, RemoteProxy};
+use crate::app::MethodResult;
+use crate::connection::{Connection, ConnectionEvent, RemoteProxy};
 use crate::error::{Error, RemoteError};
 use crate::server::Server;
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, Stream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tether_wire::{from_value, to_args, ErrorCode, PathSegment, Value, ValueError};
+use tether_wire::{from_args, from_value, to_args, ErrorCode, PathSegment, Value, ValueError};
+use tokio::sync::broadcast::error::RecvError;
 
 /// A typed call or event failed: the arguments did not convert, the call itself failed, or
 /// the result did not convert to the type asked for.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TypedError {
     /// The arguments could not be converted to JSTP values (nothing was sent).
     #[error("arguments: {}", describe_args_error(.0))]
@@ -55,6 +64,15 @@ pub enum TypedError {
     /// The peer's result does not convert to the requested type.
     #[error("result: {0}")]
     Result(ValueError),
+    /// An event the peer sent has arguments that do not convert to the requested type (an
+    /// [`EventStream`] item; the stream goes on).
+    #[error("event {}", describe_args_error(.0))]
+    EventArguments(ValueError),
+    /// An [`EventStream`] fell behind the connection's event channel
+    /// ([`ConnectionConfig::event_capacity`](crate::ConnectionConfig)) and this many events
+    /// of the connection were skipped (the stream goes on).
+    #[error("{0} events skipped: the event stream fell behind")]
+    Lagged(u64),
 }
 
 impl TypedError {
@@ -74,7 +92,9 @@ impl From<TypedError> for Error {
         match e {
             TypedError::Call(e) => e,
             TypedError::Arguments(_) => Error::InvalidArgument(e.to_string()),
-            TypedError::Result(_) => Error::Protocol(e.to_string()),
+            TypedError::Result(_) | TypedError::EventArguments(_) | TypedError::Lagged(_) => {
+                Error::Protocol(e.to_string())
+            }
         }
     }
 }
@@ -158,6 +178,14 @@ pub trait TypedConnection {
         event: &str,
         args: impl Serialize,
     ) -> Result<(), TypedError>;
+
+    /// The peer's `iface.event` events from now on, their arguments converted to `A` (a tuple,
+    /// or `()`); see [`EventStream`].
+    fn typed_events<A: DeserializeOwned + Send + 'static>(
+        &self,
+        iface: &str,
+        event: &str,
+    ) -> EventStream<A>;
 }
 
 impl TypedConnection for Connection {
@@ -211,6 +239,14 @@ impl TypedConnection for Connection {
     ) -> Result<(), TypedError> {
         let args = to_args(&args).map_err(TypedError::Arguments)?;
         Ok(self.try_emit(iface, event, args)?)
+    }
+
+    fn typed_events<A: DeserializeOwned + Send + 'static>(
+        &self,
+        iface: &str,
+        event: &str,
+    ) -> EventStream<A> {
+        EventStream::new(self, iface, event)
     }
 }
 
@@ -280,5 +316,156 @@ impl TypedBroadcast for Server {
     ) -> Result<usize, TypedError> {
         let args = to_args(&args).map_err(TypedError::Arguments)?;
         Ok(self.broadcast(iface, event, args))
+    }
+}
+
+/// The events `iface.event` that the peer sends on one connection, their arguments converted
+/// to `A` (a tuple, or `()` for none), in arrival order.
+///
+/// It subscribes when created (events that arrived before are not in it) and ends when the
+/// connection closes. It reads the connection's event channel, which is bounded
+/// ([`ConnectionConfig::event_capacity`](crate::ConnectionConfig)); a stream that falls behind
+/// by more than that yields [`TypedError::Lagged`] with the number skipped and goes on, as does
+/// one whose event does not convert ([`TypedError::EventArguments`]). Nothing is buffered
+/// beyond that channel.
+pub struct EventStream<A> {
+    inner: BoxStream<'static, Result<A, TypedError>>,
+    _args: PhantomData<fn() -> A>,
+}
+
+impl<A> std::fmt::Debug for EventStream<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream").finish_non_exhaustive()
+    }
+}
+
+impl<A: DeserializeOwned + Send + 'static> EventStream<A> {
+    /// Subscribes to `iface.event` on `conn` (see [`TypedConnection::typed_events`]).
+    pub fn new(conn: &Connection, iface: &str, event: &str) -> Self {
+        let state = (conn.events(), conn.clone(), iface.to_owned(), event.to_owned());
+        let inner = futures::stream::unfold(Some(state), |state| async move {
+            let (mut rx, conn, iface, event) = state?;
+            loop {
+                // Biased towards the channel: events that arrived before the close are
+                // delivered before the stream ends.
+                let received = tokio::select! {
+                    biased;
+                    r = rx.recv() => r,
+                    () = conn.closed() => Err(RecvError::Closed),
+                };
+                let item = match received {
+                    Ok(ConnectionEvent::Event {
+                        iface: i,
+                        event: e,
+                        args,
+                    }) if i == iface && e == event => {
+                        from_args::<A>(args).map_err(TypedError::EventArguments)
+                    }
+                    Ok(ConnectionEvent::Close) | Err(RecvError::Closed) => return None,
+                    Err(RecvError::Lagged(n)) => Err(TypedError::Lagged(n)),
+                    Ok(_) => continue,
+                };
+                return Some((item, Some((rx, conn, iface, event))));
+            }
+        });
+        Self {
+            inner: Box::pin(inner),
+            _args: PhantomData,
+        }
+    }
+}
+
+impl<A> Stream for EventStream<A> {
+    type Item = Result<A, TypedError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// How a typed method answers a call whose arguments do not convert. Either way the code is
+/// JSTP's `[17]` invalid signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SignatureReply {
+    /// `[17,,'argument 1: …']`: the reason goes as the error's first info item, as
+    /// [`Interface::typed_method`](crate::Interface::typed_method) sends it (the default).
+    #[default]
+    Reason,
+    /// A bare `[17]`, byte for byte what `@metarhia/jstp` sends for a wrong arity.
+    Bare,
+}
+
+/// A method handler for [`Interface::method`](crate::Interface::method) with typed arguments
+/// `A` (a tuple, or `()`) and a `Serialize` result, answering arguments that do not convert as
+/// `reply` says; a result that does not convert answers `[16]` and is logged. This is what
+/// `#[interface]` registers; [`Interface::typed_method`](crate::Interface::typed_method) is the
+/// same with [`SignatureReply::Reason`].
+pub fn method_handler<A, R, F, Fut>(
+    method: &str,
+    reply: SignatureReply,
+    f: F,
+) -> impl Fn(Connection, Vec<Value>) -> BoxFuture<'static, MethodResult> + Send + Sync + 'static
+where
+    A: DeserializeOwned,
+    R: Serialize,
+    F: Fn(Connection, A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, RemoteError>> + Send + 'static,
+{
+    let method = method.to_owned();
+    move |conn, args| {
+        // Started here, not in the future, so the method's synchronous part runs when the call
+        // arrives, in arrival order (see the connection driver).
+        let started = from_args::<A>(args).map(|args| f(conn, args));
+        let method = method.clone();
+        Box::pin(async move {
+            let result = match started {
+                Ok(fut) => fut.await?,
+                Err(e) => {
+                    return Err(match reply {
+                        SignatureReply::Bare => RemoteError::code(ErrorCode::InvalidSignature),
+                        SignatureReply::Reason => invalid_signature(e),
+                    })
+                }
+            };
+            tether_wire::to_value(&result).map_err(|e| {
+                tracing::warn!(method, error = %e, "a typed method's result does not convert");
+                RemoteError::code(ErrorCode::InternalApiError)
+            })
+        })
+    }
+}
+
+/// Converts event arguments (a tuple, or `()`) to JSTP values, for the raw
+/// [`Connection::emit`] and [`Server::broadcast`] paths; `#[interface]`'s `…_args` functions
+/// call it.
+pub fn event_args<T: Serialize + ?Sized>(args: &T) -> Result<Vec<Value>, TypedError> {
+    to_args(args).map_err(TypedError::Arguments)
+}
+
+/// A method handler for [`Interface::method`](crate::Interface::method) that gets the call's
+/// arguments as they came (any count) and answers with any `Serialize` result; a result that
+/// does not convert answers `[16]` and is logged. `#[interface]` registers `#[tether(raw)]`
+/// methods with it.
+pub fn raw_method_handler<R, F, Fut>(
+    method: &str,
+    f: F,
+) -> impl Fn(Connection, Vec<Value>) -> BoxFuture<'static, MethodResult> + Send + Sync + 'static
+where
+    R: Serialize,
+    F: Fn(Connection, Vec<Value>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, RemoteError>> + Send + 'static,
+{
+    let method = method.to_owned();
+    move |conn, args| {
+        let started = f(conn, args);
+        let method = method.clone();
+        Box::pin(async move {
+            let result = started.await?;
+            tether_wire::to_value(&result).map_err(|e| {
+                tracing::warn!(method, error = %e, "a raw method's result does not convert");
+                RemoteError::code(ErrorCode::InternalApiError)
+            })
+        })
     }
 }

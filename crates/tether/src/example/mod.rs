@@ -25,111 +25,176 @@
 //!
 //! The divide error carries the text a Node `Error` stringifies to (`'Error: Zero division'`),
 //! because that is what upstream's fixture puts on the wire.
+//!
+//! Each interface is one `#[interface]` trait ([`Calculator`], [`SomeService`],
+//! [`SomeOtherService`], [`Chat`]), so Rust callers get typed clients for free
+//! ([`CalculatorClient`], …, and [`ChatClient::on_message`] as a typed stream of chat events).
 
-use crate::app::{Application, Interface};
+use crate::app::Application;
+use crate::connection::Connection;
 use crate::error::RemoteError;
 use crate::server::Server;
 use std::sync::{Arc, Mutex, OnceLock};
-use tether_wire::Value;
+use tether_wire::{ErrorCode, Value};
 
 /// Name of the example application.
 pub const APP_NAME: &str = "testApp";
 /// Version of the example application.
 pub const APP_VERSION: &str = "1.0.0";
 
-fn arg(args: &[Value], i: usize) -> Value {
-    args.get(i).cloned().unwrap_or(Value::Undefined)
+// The interfaces, one `#[interface]` trait each. Arguments the fixture coerces like JS are
+// `Value`s; `signature_reason = false` answers a wrong count with a bare `[17]`, byte for byte
+// what `@metarhia/jstp` sends.
+
+/// `calculator`, as in upstream's fixture.
+#[crate::interface(name = "calculator", crate = "crate", signature_reason = false)]
+pub trait Calculator {
+    /// `42`.
+    async fn answer(&self) -> Result<u8, RemoteError>;
+    /// `dividend / divisor` with JS's coercions; error `[1,'Error: Zero division']` when the
+    /// divisor is falsy.
+    async fn divide(&self, dividend: Value, divisor: Value) -> Result<Value, RemoteError>;
+    /// No result (`ok:[]`).
+    #[tether(rename = "doNothing")]
+    async fn do_nothing(&self) -> Result<(), RemoteError>;
+}
+
+/// `someService`, as in upstream's fixture.
+#[crate::interface(crate = "crate", signature_reason = false)]
+pub trait SomeService {
+    /// `` `Hi, ${name}!` ``, stringified as a template literal does.
+    #[tether(rename = "sayHi")]
+    async fn say_hi(&self, name: Value) -> Result<String, RemoteError>;
+    /// Its argument.
+    async fn say(&self, word: Value) -> Result<Value, RemoteError>;
+}
+
+/// `someOtherService`, as in upstream's fixture.
+#[crate::interface(crate = "crate", signature_reason = false)]
+pub trait SomeOtherService {
+    /// Its argument.
+    async fn method(&self, argument: Value) -> Result<Value, RemoteError>;
+    /// No result.
+    #[tether(rename = "otherMethod")]
+    async fn other_method(&self) -> Result<(), RemoteError>;
+}
+
+/// `chat`: a message sent by a call or an event reaches every client as `chat.message`.
+#[crate::interface(name = "chat", crate = "crate", signature_reason = false)]
+pub trait Chat {
+    /// Broadcasts `chat.message(user, args[0])`; answers (no result) once every client has
+    /// room again. Any argument count is taken, as before (the text is the first, or
+    /// `undefined`).
+    #[tether(connection, raw)]
+    async fn send(&self, conn: Connection, args: Vec<Value>) -> Result<(), RemoteError>;
+    /// The event `chat.send(text)`: broadcasts the same way, without waiting.
+    #[tether(event, connection, raw, rename = "send")]
+    fn send_event(&self, conn: Connection, args: Vec<Value>);
+    /// The event every client gets: the sender's user name (or null) and the text.
+    #[tether(emit)]
+    fn message(user: Option<String>, text: Value);
+}
+
+/// The fixture's implementation of the four interfaces.
+#[derive(Clone)]
+struct Fixture {
+    chat: ChatHub,
+}
+
+impl Calculator for Fixture {
+    async fn answer(&self) -> Result<u8, RemoteError> {
+        Ok(42)
+    }
+
+    async fn divide(&self, dividend: Value, divisor: Value) -> Result<Value, RemoteError> {
+        // JS: `if (!divisor)` then `dividend / divisor`, with its coercions
+        // (`divide('20', 10)` is 2).
+        if !divisor.is_truthy() {
+            return Err(RemoteError::new(1, "Error: Zero division"));
+        }
+        let q = dividend.to_js_number() / divisor.to_js_number();
+        // JS would send NaN here; a Node peer can't parse it, so send null.
+        Ok(if q.is_finite() {
+            Value::from(q)
+        } else {
+            Value::Null
+        })
+    }
+
+    async fn do_nothing(&self) -> Result<(), RemoteError> {
+        Ok(())
+    }
+}
+
+impl SomeService for Fixture {
+    async fn say_hi(&self, name: Value) -> Result<String, RemoteError> {
+        Ok(format!("Hi, {}!", name.to_js_string()))
+    }
+
+    async fn say(&self, word: Value) -> Result<Value, RemoteError> {
+        Ok(word)
+    }
+}
+
+impl SomeOtherService for Fixture {
+    async fn method(&self, argument: Value) -> Result<Value, RemoteError> {
+        Ok(argument)
+    }
+
+    async fn other_method(&self) -> Result<(), RemoteError> {
+        Ok(())
+    }
+}
+
+/// `chat.message(user, text)`'s arguments for a message from `conn`. They are values that
+/// came off the wire (or null and a string), so they always convert; `None` is logged.
+fn chat_message(conn: &Connection, args: &[Value]) -> Option<Vec<Value>> {
+    let text = args.first().cloned().unwrap_or(Value::Undefined);
+    ChatEvents::message_args(conn.username(), text)
+        .inspect_err(|e| tracing::warn!(error = %e, "a chat message does not convert"))
+        .ok()
+}
+
+impl Chat for Fixture {
+    async fn send(&self, conn: Connection, args: Vec<Value>) -> Result<(), RemoteError> {
+        let message = chat_message(&conn, &args)
+            .ok_or_else(|| RemoteError::code(ErrorCode::InternalApiError))?;
+        // Queued for every client now (this runs at the call's first poll, in arrival
+        // order); the answer waits until the clients have room, so a fast sender cannot
+        // outrun slow readers. No result, as `@metarhia/jstp` peers' chat.send.
+        self.chat.queue("chat", "message", message).await;
+        Ok(())
+    }
+
+    fn send_event(&self, conn: Connection, args: Vec<Value>) {
+        if let Some(message) = chat_message(&conn, &args) {
+            self.chat.broadcast("chat", "message", message);
+        }
+    }
 }
 
 /// Upstream's `testApp@1.0.0` fixture. `chat.send` broadcasts through `server` once it is set
 /// (see [`ChatHub`]).
 pub fn test_app(chat: ChatHub) -> Application {
+    let fixture = Fixture { chat };
     Application::new(APP_NAME, APP_VERSION)
         .expect("valid constant")
         .interface(
-            "calculator",
-            Interface::new()
-                .method("answer", arity(0, |_a| Ok(Value::from(42))))
-                .method(
-                    "divide",
-                    arity(2, |a| {
-                        // JS: `if (!divisor)` then `divident / divisor`, with its coercions
-                        // (`divide('20', 10)` is 2).
-                        if !a[1].is_truthy() {
-                            return Err(RemoteError::new(1, "Error: Zero division"));
-                        }
-                        let q = a[0].to_js_number() / a[1].to_js_number();
-                        // JS would send NaN here; a Node peer can't parse it, so send null.
-                        Ok(if q.is_finite() {
-                            Value::from(q)
-                        } else {
-                            Value::Null
-                        })
-                    }),
-                )
-                .method("doNothing", arity(0, |_a| Ok(Value::Undefined))),
+            <Fixture as Calculator>::INTERFACE_NAME,
+            Calculator::into_interface(fixture.clone()),
         )
         .interface(
-            "someService",
-            Interface::new()
-                // A template literal: `Hi, ${name}!`.
-                .method(
-                    "sayHi",
-                    arity(1, |a| {
-                        Ok(Value::from(format!("Hi, {}!", a[0].to_js_string())))
-                    }),
-                )
-                .method("say", arity(1, |a| Ok(a[0].clone()))),
+            <Fixture as SomeService>::INTERFACE_NAME,
+            SomeService::into_interface(fixture.clone()),
         )
         .interface(
-            "someOtherService",
-            Interface::new()
-                .method("method", arity(1, |a| Ok(a[0].clone())))
-                .method("otherMethod", arity(0, |_a| Ok(Value::Undefined))),
+            <Fixture as SomeOtherService>::INTERFACE_NAME,
+            SomeOtherService::into_interface(fixture.clone()),
         )
         .interface(
-            "chat",
-            Interface::new()
-                .on_event("send", {
-                    let chat = chat.clone();
-                    move |conn, a| {
-                        let user = conn.username().map_or(Value::Null, Value::from);
-                        chat.broadcast("chat", "message", vec![user, arg(&a, 0)]);
-                    }
-                })
-                .method("send", move |conn, a| {
-                    // Queued for every client now, in call order; the answer waits until the
-                    // clients have room, so a fast sender cannot outrun slow readers.
-                    let user = conn.username().map_or(Value::Null, Value::from);
-                    let queued = chat.queue("chat", "message", vec![user, arg(&a, 0)]);
-                    async move {
-                        queued.await;
-                        // No result, as `@metarhia/jstp` peers' chat.send.
-                        Ok(Value::Undefined)
-                    }
-                }),
+            <Fixture as Chat>::INTERFACE_NAME,
+            Chat::into_interface(fixture),
         )
-}
-
-/// A method of `n` arguments, as `@metarhia/jstp` checks a JS function's arity: any other
-/// count answers `[17]` (invalid signature).
-fn arity<F>(
-    n: usize,
-    f: F,
-) -> impl Fn(crate::Connection, Vec<Value>) -> futures::future::Ready<crate::app::MethodResult>
-       + Send
-       + Sync
-       + 'static
-where
-    F: Fn(&[Value]) -> crate::app::MethodResult + Send + Sync + 'static,
-{
-    move |_conn, args| {
-        futures::future::ready(if args.len() == n {
-            f(&args)
-        } else {
-            Err(RemoteError::code(tether_wire::ErrorCode::InvalidSignature))
-        })
-    }
 }
 
 /// A chat message listener: called with the user (or null) and the text.
