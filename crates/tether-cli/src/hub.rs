@@ -1,5 +1,6 @@
-//! `tether hub`: connect to many peers at once, keep them (redial, liveness check) and watch
-//! them.
+//! `tether hub`: connect to many peers at once, keep them (redial, liveness check, a peer
+//! book that survives a restart), watch them, and use them (`--call` on every connected peer,
+//! `--listen` to their events).
 
 use clap::Args;
 use futures::StreamExt;
@@ -8,9 +9,18 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tether::hub::{Entry, Heartbeat, Hub, HubEvent, HubOptions, JstpConnector, Lagged, Schedule};
+use tether::hub::{
+    BookEntry, BookState, Connector, Entry, Heartbeat, Hub, HubEvent, HubOptions, JstpConnector,
+    Lagged, PeerBook, PeerKey, Schedule,
+};
 use tether::reconnect::Backoff;
-use tether::{ClientOptions, Error};
+use tether::{ClientOptions, Connection, ConnectionEvent, Error};
+use tokio::sync::mpsc;
+
+/// Lines from the peers (`--call` results, `--listen` events) queued for printing; a task
+/// with a line waits when this many are queued, so a slow stdout slows the peers' readers
+/// instead of growing memory.
+const PEER_LINES: usize = 1024;
 
 /// Options of `tether hub`.
 #[derive(Args, Debug)]
@@ -54,6 +64,22 @@ pub struct HubArgs {
     /// its own.
     #[arg(long)]
     no_resume: bool,
+    /// Keep the peer book in this redb file: peers given (and staged) are added to it, and a
+    /// restarted hub dials the peers it keeps. The first line then also lists the book.
+    #[arg(long, value_name = "FILE")]
+    book: Option<PathBuf>,
+    /// Stage an address: remember it in the book as a suggestion without dialling it
+    /// (repeatable).
+    #[arg(long, value_name = "ADDRESS")]
+    stage: Vec<String>,
+    /// Call `IFACE.METHOD(ARGS…)` on every peer once it connects (again after each
+    /// reconnect), one `result` line per call. Arguments are JSTP values (mdsf), else strings.
+    #[arg(long, num_args = 2.., value_names = ["IFACE", "METHOD"], allow_negative_numbers = true, conflicts_with = "table")]
+    call: Option<Vec<String>>,
+    /// Print the events the peers emit on interface IFACE (`*` for all), one `peer-event`
+    /// line each.
+    #[arg(long, value_name = "IFACE", conflicts_with = "table")]
+    listen: Option<String>,
 }
 
 impl HubArgs {
@@ -85,6 +111,98 @@ impl HubArgs {
                 timeout: ms(self.heartbeat),
             }),
             resume: !self.no_resume,
+        }
+    }
+}
+
+/// An error with its sources, for a message on stderr.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn book_json(address: &str, e: &BookEntry) -> serde_json::Value {
+    json!({
+        "address": address,
+        "state": lower(e.state),
+        "last": e.last.as_ref().map(|o| lower(&o.kind).replace('_', "-")),
+        "detail": e.last.as_ref().and_then(|o| o.detail.clone()),
+    })
+}
+
+/// What the lines about one peer start with: its address, key and direction.
+fn peer_line(kind: &str, address: &str, key: Option<PeerKey>) -> serde_json::Value {
+    json!({
+        "event": kind,
+        "address": address,
+        "key": key.map(|k| k.to_string()),
+        "direction": "outbound",
+    })
+}
+
+/// `--call`: calls the connected peer and queues one `result` line.
+async fn call_peer(
+    conn: Connection,
+    line: serde_json::Value,
+    call: Arc<Vec<String>>,
+    out: mpsc::Sender<serde_json::Value>,
+) {
+    let (iface, method) = (call[0].clone(), call[1].clone());
+    let args = call[2..]
+        .iter()
+        .map(|a| crate::json::parse_arg(a))
+        .collect();
+    let mut line = line;
+    line["interface"] = json!(iface);
+    line["method"] = json!(method);
+    match conn.call(&iface, &method, args).await {
+        Ok(values) => line["result"] = crate::json::list_to_json(&values),
+        Err(e) => line["error"] = json!(chain(&e)),
+    }
+    let _ = out.send(line).await;
+}
+
+/// `--listen`: queues a `peer-event` line for each event of `iface` until the connection
+/// ends. The receiver is taken before the `connected` line is printed, so nothing emitted
+/// after that line is missed.
+async fn listen_peer(
+    mut events: tokio::sync::broadcast::Receiver<ConnectionEvent>,
+    line: serde_json::Value,
+    iface: String,
+    out: mpsc::Sender<serde_json::Value>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(ConnectionEvent::Event {
+                iface: i,
+                event,
+                args,
+            }) if iface == "*" || i == iface => {
+                let mut line = line.clone();
+                line["interface"] = json!(i);
+                line["name"] = json!(event);
+                line["args"] = crate::json::list_to_json(&args);
+                if out.send(line).await.is_err() {
+                    return;
+                }
+            }
+            Ok(ConnectionEvent::Close) | Err(RecvError::Closed) => return,
+            Err(RecvError::Lagged(n)) => {
+                let mut line = line.clone();
+                line["event"] = json!("peer-lagged");
+                line["missed"] = json!(n);
+                if out.send(line).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
         }
     }
 }
@@ -192,19 +310,32 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
                 .map(str::to_owned),
         );
     }
-    // Refuse bad addresses before connecting to anything.
-    for a in &addresses {
+    let connector = JstpConnector::new(args.app.clone(), args.client_options());
+    // Refuse bad addresses (ports, layers tether cannot verify) before connecting to anything.
+    for a in addresses.iter().chain(&args.stage) {
         a.parse::<tether::hub::MultiAddress>()
-            .and_then(|m| m.check_transports())
+            .and_then(|m| {
+                m.check_transports()?;
+                m.check_layers(connector.verified_layers())
+            })
             .map_err(|e| Error::InvalidArgument(format!("{a}: {e}")))?;
     }
     if let Some(ca) = &args.ca {
         std::fs::metadata(ca)
             .map_err(|e| Error::InvalidArgument(format!("--ca {}: {e}", ca.display())))?;
     }
-    let connector = JstpConnector::new(args.app.clone(), args.client_options());
-    let hub = Hub::new(HubOptions::with_connector(connector).scheduler(args.schedule()));
-    let hub_err = |e: tether::hub::HubError| Error::InvalidArgument(e.to_string());
+    let mut options = HubOptions::with_connector(connector).scheduler(args.schedule());
+    if let Some(path) = &args.book {
+        let book = PeerBook::open(path).map_err(|e| {
+            Error::InvalidArgument(format!("--book {}: {}", path.display(), chain(&e)))
+        })?;
+        options = options.book(book);
+    }
+    let hub = Hub::new(options);
+    let hub_err = |e: tether::hub::HubError| Error::InvalidArgument(chain(&e));
+    for a in &args.stage {
+        hub.stage(a, Default::default()).map_err(hub_err)?;
+    }
     let mut events = hub.listen().map_err(hub_err)?;
     let mut live = hub.live_entries().map_err(hub_err)?;
     let first = live.next().await.and_then(Result::ok).unwrap_or_default();
@@ -214,9 +345,28 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
         draw_table(&first, &lost);
     } else {
         let entries: Vec<_> = first.iter().map(|(a, e)| entry_json(a, e)).collect();
-        println!("{}", json!({ "entries": entries }));
+        let mut line = json!({ "entries": entries });
+        if args.book.is_some() {
+            let book: Vec<_> = hub
+                .book()
+                .entries()
+                .iter()
+                .map(|(a, e)| book_json(a, e))
+                .collect();
+            line["book"] = json!(book);
+        }
+        println!("{line}");
     }
+    // The peers the book keeps first (a restart), then those given now (added to the book).
+    hub.connect_book().map_err(hub_err)?;
     for a in addresses {
+        if hub
+            .book()
+            .get(&a)
+            .is_some_and(|b| b.state == BookState::Kept)
+        {
+            continue;
+        }
         let hub = hub.clone();
         tokio::spawn(async move {
             // Outcomes are reported as events.
@@ -225,6 +375,8 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
     }
     // The direction of each connected address, for the lines of its later events.
     let mut directions = BTreeMap::new();
+    let (peer_tx, mut peer_rx) = mpsc::channel::<serde_json::Value>(PEER_LINES);
+    let call = args.call.clone().map(Arc::new);
     tokio::pin!(stop);
     let mut stopping = false;
     // The table needs both streams (entries, and events for the lost peers); both end when
@@ -247,10 +399,22 @@ pub async fn run(args: HubArgs, stop: impl std::future::Future<Output = ()>) -> 
                 Some(Err(_)) => {}
                 None => live_open = false,
             },
+            Some(line) = peer_rx.recv() => println!("{line}"),
             event = events.next(), if events_open => match event {
                 Some(Ok(e)) => {
-                    if let HubEvent::Connected { direction, .. } = &e {
+                    if let HubEvent::Connected { direction, connection, .. } = &e {
                         directions.insert(e.address().to_owned(), *direction);
+                        let line = peer_line("result", e.address(), e.key());
+                        if let Some(iface) = &args.listen {
+                            let mut line = line.clone();
+                            line["event"] = json!("peer-event");
+                            let events = connection.events();
+                            tokio::spawn(listen_peer(events, line, iface.clone(), peer_tx.clone()));
+                        }
+                        if let Some(call) = &call {
+                            let (conn, call) = (connection.clone(), call.clone());
+                            tokio::spawn(call_peer(conn, line, call, peer_tx.clone()));
+                        }
                     }
                     let direction = directions.get(e.address()).copied();
                     if matches!(e, HubEvent::Disconnected { .. }) {

@@ -2,7 +2,9 @@
 //! key and direction; a killed peer is redialled once it restarts on its port; a frozen
 //! (SIGSTOPped) peer is dropped by the liveness check and redialled after SIGCONT; a failed
 //! dial stays in `--table` with its error; `tls:` and `wss://` peers are reached with `--ca`
-//! or `--insecure`; bad addresses are refused; the hub stops cleanly.
+//! or `--insecure`; bad addresses (and layers tether cannot verify) are refused; the hub stops
+//! cleanly; every event kind it can produce is printed; `--book` survives a restart and
+//! `--stage` dials nothing; `--call` and `--listen` use the connected peers.
 
 mod common;
 
@@ -25,7 +27,7 @@ fn hub(args: &[&str]) -> (Proc, LineReader) {
             .unwrap(),
     );
     let mut lines = hub.stdout_lines("hub");
-    if !args.contains(&"--table") {
+    if !args.contains(&"--table") && !args.contains(&"--book") {
         assert_eq!(
             lines.json("the first table"),
             serde_json::json!({"entries": []})
@@ -42,6 +44,18 @@ fn until(lines: &mut LineReader, kind: &str, address: &str) -> Json {
         let line = lines.json(&what);
         assert!(line.get("key").is_some(), "no key: {line}");
         assert!(line.get("direction").is_some(), "no direction: {line}");
+        if line["event"] == kind && line["address"] == address {
+            return line;
+        }
+    }
+}
+
+/// Like [`until`], keeping every line read in `seen`.
+fn until_noting(lines: &mut LineReader, kind: &str, address: &str, seen: &mut Vec<Json>) -> Json {
+    let what = format!("a {kind} line for {address}");
+    loop {
+        let line = lines.json(&what);
+        seen.push(line.clone());
         if line["event"] == kind && line["address"] == address {
             return line;
         }
@@ -81,7 +95,8 @@ fn hub_lines_carry_key_and_direction_and_a_killed_peer_is_redialled_once_restart
     let (first, ready1) = serve(&["--tcp", "127.0.0.1:0"]);
     let (_second, ready2) = serve(&["--ws", "127.0.0.1:0"]);
     let tcp = ready1["tcp"][0].as_str().unwrap().to_owned();
-    let a1 = format!("net:{tcp}~shs:{KEY}");
+    // `noauth` promises nothing, so tether may dial it (an `shs` layer is refused below).
+    let a1 = format!("net:{tcp}~noauth");
     let a2 = format!("ws://{}", ready2["ws"][0].as_str().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("peers.txt");
@@ -92,7 +107,8 @@ fn hub_lines_carry_key_and_direction_and_a_killed_peer_is_redialled_once_restart
     let mut args = vec![a1.as_str(), "--file", file];
     args.extend(flags);
     let (mut hub, mut lines) = hub(&args);
-    let key = format!("@{KEY}.ed25519");
+    // No layer carries a key tether verifies: every line says so with `null`.
+    let key = Json::Null;
     // Both connected, in either order, each line with its key and direction.
     let mut up = HashMap::new();
     while up.len() < 2 {
@@ -105,7 +121,7 @@ fn hub_lines_carry_key_and_direction_and_a_killed_peer_is_redialled_once_restart
             up.insert(line["address"].as_str().unwrap().to_owned(), line);
         }
     }
-    assert_eq!(up[&a1]["key"], key.as_str());
+    assert_eq!(up[&a1]["key"], key);
     assert_eq!(up[&a2]["key"], Json::Null);
     for line in up.values() {
         assert_eq!(line["direction"], "outbound");
@@ -119,7 +135,7 @@ fn hub_lines_carry_key_and_direction_and_a_killed_peer_is_redialled_once_restart
     assert_eq!(gone["cause"], "connection closed");
     assert_eq!(
         (&gone["key"], &gone["direction"]),
-        (&Json::from(key.as_str()), &Json::from("outbound"))
+        (&key, &Json::from("outbound"))
     );
     let redial = until(&mut lines, "redialing", &a1);
     assert_eq!(redial["failures"], 1);
@@ -129,7 +145,7 @@ fn hub_lines_carry_key_and_direction_and_a_killed_peer_is_redialled_once_restart
         failed["error"].as_str().unwrap().contains("refused"),
         "{failed}"
     );
-    assert_eq!(failed["key"], key.as_str());
+    assert_eq!(failed["key"], key);
 
     // Back on the same port: dialled again, without being asked.
     let (_back, _) = serve(&["--tcp", &tcp]);
@@ -177,6 +193,22 @@ fn hub_refuses_bad_addresses() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("peer key"));
+    // A valid key in any multiserver form parses, and is refused because nothing here can
+    // verify it (no secret-handshake), before anything is dialled.
+    for key in [KEY, KEY.trim_end_matches('=')] {
+        let address = format!("net:127.0.0.1:1~shs:{key}");
+        let out = run(
+            Command::new(BIN).args(["hub", &address]),
+            "hub with an shs layer",
+        );
+        assert_eq!(out.status.code(), Some(2), "{address}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("\"shs\" layer") && stderr.contains("secret-handshake"),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{address}: dialled anyway");
+    }
     // A bad or missing port is refused before anything is dialled.
     for (address, says) in [
         ("net:127.0.0.1", "net address without a port"),
@@ -308,4 +340,182 @@ fn hub_reaches_tls_and_wss_peers_with_ca_or_insecure() {
         "{failed}"
     );
     assert!(hub.terminate(), "hub did not stop cleanly");
+}
+
+#[test]
+fn hub_prints_a_line_for_every_event_kind_with_key_and_direction() {
+    let (_serve, ready) = serve(&["--tcp", "127.0.0.1:0"]);
+    let good = format!("net:{}", ready["tcp"][0].as_str().unwrap());
+    let refused = format!("net:127.0.0.1:{}", free_port());
+    let (mut hub, mut lines) = hub(&[&good, &refused, "--redial-min", "50", "--redial-max", "100"]);
+    let mut seen = Vec::new();
+    until_noting(&mut lines, "connected", &good, &mut seen);
+    // A second failed dial: connecting, connecting-failed and redialing were all printed.
+    for _ in 0..2 {
+        let failed = until_noting(&mut lines, "connecting-failed", &refused, &mut seen);
+        assert!(
+            failed["error"].as_str().unwrap().contains("refused"),
+            "{failed}"
+        );
+    }
+    assert!(hub.terminate(), "hub did not stop cleanly");
+    for l in lines.rest("the hub's last lines") {
+        seen.push(serde_json::from_str(&l).unwrap());
+    }
+    let mut kinds = std::collections::BTreeSet::new();
+    // Every line the hub printed after its first, including its stop.
+    for line in seen {
+        assert!(line.get("key").is_some(), "no key: {line}");
+        assert!(line.get("direction").is_some(), "no direction: {line}");
+        assert!(
+            line["address"] == good || line["address"] == refused,
+            "{line}"
+        );
+        kinds.insert(line["event"].as_str().unwrap().to_owned());
+    }
+    let expected = [
+        "connected",
+        "connecting",
+        "connecting-failed",
+        "disconnected",
+        "disconnecting",
+        "redialing",
+    ];
+    assert_eq!(
+        kinds.iter().map(String::as_str).collect::<Vec<_>>(),
+        expected
+    );
+}
+
+#[test]
+fn hub_book_survives_a_restart_and_staged_peers_are_not_dialled() {
+    let (_serve, ready) = serve(&["--tcp", "127.0.0.1:0"]);
+    let peer = format!("net:{}", ready["tcp"][0].as_str().unwrap());
+    let staged = format!("net:127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("peers.redb");
+    let book = book.to_str().unwrap();
+
+    let (mut first, mut lines) = hub(&[&peer, "--book", book, "--stage", &staged]);
+    let head = lines.json("the first line, with the book");
+    assert_eq!(head["entries"], serde_json::json!([]));
+    // Staged before anything was dialled; the peer is added when it is connected.
+    assert_eq!(
+        head["book"],
+        serde_json::json!([{"address": staged, "state": "staged", "last": null, "detail": null}])
+    );
+    until(&mut lines, "connected", &peer);
+    assert!(first.terminate(), "hub did not stop cleanly");
+    let stopped = lines.rest("the first hub's last lines");
+    assert!(
+        stopped.iter().all(|l| !l.contains(&staged)),
+        "a staged peer was dialled: {stopped:?}"
+    );
+
+    // Restarted with the book and no address: it dials the peer it keeps, not the staged one.
+    let (mut second, mut lines) = hub(&["--book", book]);
+    let head = lines.json("the restarted hub's first line");
+    let rows = head["book"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{head}");
+    let kept = rows.iter().find(|r| r["address"] == peer.as_str()).unwrap();
+    assert_eq!(kept["state"], "kept");
+    assert_eq!(
+        (&kept["last"], &kept["detail"]),
+        (&Json::from("disconnected"), &Json::from("requested"))
+    );
+    let row = rows
+        .iter()
+        .find(|r| r["address"] == staged.as_str())
+        .unwrap();
+    assert_eq!(row["state"], "staged");
+    let mut seen = Vec::new();
+    let up = until_noting(&mut lines, "connected", &peer, &mut seen);
+    assert_eq!(up["direction"], "outbound");
+    assert!(
+        seen.iter().all(|l| l["address"] != staged.as_str()),
+        "a staged peer was dialled: {seen:?}"
+    );
+    assert_clean_stop(&mut second, &mut lines, &[&peer]);
+}
+
+#[test]
+fn hub_calls_every_connected_peer_and_prints_their_events() {
+    let (_one, ready1) = serve(&["--tcp", "127.0.0.1:0"]);
+    let (_two, ready2) = serve(&["--ws", "127.0.0.1:0"]);
+    let tcp = ready1["tcp"][0].as_str().unwrap().to_owned();
+    let a1 = format!("net:{tcp}");
+    let a2 = format!("ws://{}", ready2["ws"][0].as_str().unwrap());
+    let (mut hub, mut lines) = hub(&[
+        &a1,
+        &a2,
+        "--call",
+        "calculator",
+        "divide",
+        "20",
+        "10",
+        "--listen",
+        "chat",
+    ]);
+    // One result line per connected peer, with the call's answer.
+    let mut results = HashMap::new();
+    let mut connected = 0;
+    while results.len() < 2 || connected < 2 {
+        let line = lines.json("the calls' results");
+        assert!(
+            line.get("key").is_some() && line.get("direction").is_some(),
+            "{line}"
+        );
+        match line["event"].as_str().unwrap() {
+            "result" => {
+                results.insert(line["address"].as_str().unwrap().to_owned(), line);
+            }
+            "connected" => connected += 1,
+            _ => {}
+        }
+    }
+    for a in [&a1, &a2] {
+        let line = &results[a];
+        assert_eq!(
+            (&line["interface"], &line["method"], &line["result"]),
+            (
+                &Json::from("calculator"),
+                &Json::from("divide"),
+                &serde_json::json!([2])
+            ),
+            "{line}"
+        );
+        assert_eq!(line["direction"], "outbound");
+    }
+    // A chat message on the first peer reaches the hub as that peer's event.
+    let out = run(
+        Command::new(BIN).args([
+            "call",
+            &format!("jstp://{tcp}"),
+            "testApp",
+            "chat",
+            "send",
+            "'hello from outside'",
+        ]),
+        "a chat message sent to the first peer",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let event = lines.json("the chat event from the first peer");
+    assert_eq!(event["event"], "peer-event", "{event}");
+    assert_eq!(
+        (&event["address"], &event["interface"], &event["name"]),
+        (
+            &Json::from(a1.as_str()),
+            &Json::from("chat"),
+            &Json::from("message")
+        )
+    );
+    assert!(
+        event["args"].to_string().contains("hello from outside"),
+        "{event}"
+    );
+    assert_clean_stop(&mut hub, &mut lines, &[&a1, &a2]);
 }
