@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tether_wire::conductor::{authenticate_token, to_bytes, Envelope, Payload, WireMessage};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc};
+use crate::transport::{ByteStream, ListenOptions, StreamEndpoint, StreamListener};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, Request as HandshakeRequest, Response as HandshakeResponse,
 };
@@ -133,6 +134,7 @@ impl ConductorServerBuilder {
                 clients: Mutex::new(HashMap::new()),
                 next_client: AtomicU64::new(1),
                 events: broadcast::channel(1024).0,
+                shutdown: watch::channel(false).0,
             }),
         }
     }
@@ -174,6 +176,8 @@ struct ServerInner {
     clients: Mutex<HashMap<u64, ClientSlot>>,
     next_client: AtomicU64,
     events: broadcast::Sender<ConductorServerEvent>,
+    /// Set by [`ConductorServer::shutdown`]: listeners stop accepting.
+    shutdown: watch::Sender<bool>,
 }
 
 /// A conductor-style WebSocket server.
@@ -207,23 +211,71 @@ impl ConductorServer {
         self.inner.events.subscribe()
     }
 
-    /// Listens on `addr` (`host:port`); returns the bound address.
+    /// Listens on `addr` (`host:port`) with the network floor's default guards
+    /// ([`ListenOptions`]: 10 s for the WebSocket upgrade, bounded pending upgrades, accept
+    /// back-off, connection caps); returns the bound address.
     pub async fn listen(&self, addr: &str) -> Result<String, ConductorError> {
-        let listener = TcpListener::bind(addr)
+        self.listen_with(addr, &ListenOptions::default()).await
+    }
+
+    /// Listens on `addr` (`host:port`) on the network floor ([`StreamListener`]): the TLS
+    /// handshake (with [`ListenOptions::tls`], i.e. `wss://`) and the WebSocket upgrade must
+    /// finish within [`ListenOptions::handshake_timeout`]; pending upgrades are bounded (the
+    /// oldest is evicted); accept errors such as `EMFILE` are backed off from, never fatal.
+    /// Serves until [`shutdown`](Self::shutdown). Returns the bound address.
+    pub async fn listen_with(
+        &self,
+        addr: &str,
+        options: &ListenOptions,
+    ) -> Result<String, ConductorError> {
+        let endpoint = StreamEndpoint::parse_host_port(addr)
+            .map_err(|e| ConductorError::Connect(format!("{addr}: {e}")))?;
+        let config = ws_config(self.inner.max_message_size);
+        let origins = Arc::new(self.inner.allowed_origins.clone());
+        let upgrade = move |stream: ByteStream| {
+            let origins = origins.clone();
+            async move {
+                let check = OriginCheck(origins.as_deref());
+                tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
+            }
+        };
+        let mut listener = StreamListener::bind_with(&endpoint, options, upgrade)
             .await
             .map_err(|e| ConductorError::Connect(format!("{addr}: {e}")))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| ConductorError::Connect(e.to_string()))?
-            .to_string();
+        let local = listener.local_addr();
         let server = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let server = server.clone();
-                tokio::spawn(async move { server.serve(stream).await });
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    accepted = listener.accept() => match accepted {
+                        Some(Ok(ws)) => {
+                            let server = server.clone();
+                            tokio::spawn(async move { server.serve(ws).await });
+                        }
+                        // A failed upgrade or an accept error: the listener goes on.
+                        Some(Err(e)) => tracing::debug!(error = %e, "conductor accept"),
+                        None => break,
+                    },
+                }
             }
+            // Dropping the listener closes its socket and aborts pending upgrades.
         });
         Ok(local)
+    }
+
+    /// Stops every listener of this server (no new connections; pending upgrades are aborted)
+    /// and closes each connected client with 1001 (going away). Idempotent.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let going_away = WsMessage::Close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "server shutting down".into(),
+        }));
+        for client in lock(&self.inner.clients).values() {
+            let _ = client.tx.try_send(going_away.clone());
+        }
     }
 
     /// Clients connected (and authenticated, where required) now.
@@ -293,15 +345,9 @@ impl ConductorServer {
             .count()
     }
 
-    async fn serve(&self, stream: TcpStream) {
-        let _ = stream.set_nodelay(true);
-        let config = ws_config(self.inner.max_message_size);
-        let check = OriginCheck(self.inner.allowed_origins.as_deref());
-        let Ok(ws) =
-            tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
-        else {
-            return;
-        };
+    /// Serves one upgraded connection (see [`listen_with`](Self::listen_with)).
+    async fn serve(&self, ws: WebSocketStream<ByteStream>) {
+        let _open = crate::metrics::ConductorConnectionGuard::new();
         let id = self.inner.next_client.fetch_add(1, Ordering::Relaxed);
         let (mut sink, mut incoming) = ws.split();
         let bad = |error: String, closed: bool| {

@@ -136,6 +136,26 @@ fn map_ws_error(e: WsError) -> TransportError {
     }
 }
 
+impl<S> WsIncoming<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Tells the peer why the connection ends: queues a close frame with `code` and tries once
+    /// to flush it, so the code goes out whether or not the owner closes the sink (a
+    /// connection that has not finished its JSTP handshake is just dropped). The code is also
+    /// left for the sink's close, in case the frame could not be queued now.
+    fn violation(&self, ws: &mut WebSocketStream<S>, code: CloseCode, cx: &mut Context<'_>) {
+        self.close_code.store(code.into(), Ordering::Relaxed);
+        let frame = CloseFrame {
+            code,
+            reason: Default::default(),
+        };
+        if ws.start_send_unpin(Message::Close(Some(frame))).is_ok() {
+            let _ = ws.poll_flush_unpin(cx);
+        }
+    }
+}
+
 impl<S> Stream for WsIncoming<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -159,19 +179,21 @@ where
                     return Poll::Ready(None);
                 }
                 Some(Ok(Message::Text(text))) => Ok(text.as_str().to_owned()),
-                Some(Ok(Message::Binary(data))) => String::from_utf8(data.into()).map_err(|_| {
-                    // A JSTP message must be text: data inconsistent with it is 1007.
-                    self.close_code
-                        .store(CloseCode::Invalid.into(), Ordering::Relaxed);
-                    FrameError::InvalidUtf8.into()
-                }),
+                Some(Ok(Message::Binary(data))) => match String::from_utf8(data.into()) {
+                    Ok(text) => Ok(text),
+                    Err(_) => {
+                        // A JSTP message must be text: data inconsistent with it is 1007.
+                        self.violation(&mut ws, CloseCode::Invalid, cx);
+                        Err(FrameError::InvalidUtf8.into())
+                    }
+                },
                 // Pings are answered by tungstenite. After a close frame, keep reading: that
                 // sends the reply and ends the stream when the close handshake completes.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => continue,
                 Some(Ok(Message::Frame(_))) => continue,
                 Some(Err(e)) => {
                     if let Some(code) = close_code_for(&e) {
-                        self.close_code.store(code.into(), Ordering::Relaxed);
+                        self.violation(&mut ws, code, cx);
                     }
                     Err(map_ws_error(e))
                 }
