@@ -122,7 +122,9 @@ pub(crate) async fn run(args: ConductorArgs) -> Result<(), Failure> {
         let kind = match &e {
             ConductorError::Remote { kind, .. } => kind.clone(),
             ConductorError::Timeout { .. } => "timeout".into(),
-            ConductorError::Connect(_) | ConductorError::InvalidAddress(_) => "connect".into(),
+            ConductorError::Connect(_)
+            | ConductorError::Dial { .. }
+            | ConductorError::InvalidAddress(_) => "connect".into(),
             ConductorError::Closed => "closed".into(),
             _ => "protocol".into(),
         };

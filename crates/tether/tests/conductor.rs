@@ -241,7 +241,10 @@ async fn our_client_against_a_node_server_over_wss() {
     .unwrap();
     assert!(matches!(
         within("open without trust", untrusting.open(None)).await,
-        Err(ConductorError::Connect(_))
+        Err(ConductorError::Dial {
+            stage: tether::conductor::DialStage::Tls,
+            ..
+        })
     ));
 
     // `secure` makes a bare port mean wss://127.0.0.1:<port>.
@@ -309,7 +312,10 @@ async fn addresses_and_failures_are_typed() {
     let conn = ConductorConnection::new(free.to_string(), ConductorOptions::default()).unwrap();
     assert!(matches!(
         within("open", conn.open(None)).await,
-        Err(ConductorError::Connect(_))
+        Err(ConductorError::Dial {
+            stage: tether::conductor::DialStage::Tcp,
+            ..
+        })
     ));
     assert!(matches!(
         within("answer", conn.request("answer", Value::Nil, None)).await,
@@ -865,7 +871,14 @@ async fn origins_are_checked_when_restricted() {
                     .unwrap(),
                 Value::from(42)
             ),
-            (false, Err(ConductorError::Connect(e))) => assert!(e.contains("400"), "{e}"),
+            (
+                false,
+                Err(ConductorError::Dial {
+                    stage: tether::conductor::DialStage::WebSocket,
+                    source,
+                    ..
+                }),
+            ) => assert_eq!(http_status(&*source), Some(400), "{source}"),
             (_, other) => panic!("{origin:?} on {addr}: {other:?}"),
         }
     }
@@ -1175,4 +1188,12 @@ async fn our_client_skips_and_reports_undecodable_frames() {
     common::within(LIMIT, "the raw peer ends", peer)
         .await
         .unwrap();
+}
+
+/// The HTTP status of a refused WebSocket upgrade, from a `ConductorError::Dial`'s source.
+fn http_status(source: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<u16> {
+    match source.downcast_ref::<tokio_tungstenite::tungstenite::Error>()? {
+        tokio_tungstenite::tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+        _ => None,
+    }
 }

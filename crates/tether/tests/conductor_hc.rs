@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use tether::conductor::{
-    ConductorConnection, ConductorError, ConductorOptions, ConductorSignal, Dialect, Value,
+    ConductorConnection, ConductorError, ConductorOptions, ConductorSignal, DialStage, Dialect,
+    Value,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -189,7 +190,16 @@ async fn the_crate_refuses_what_a_conductor_refuses() {
     for origin in [None, Some("http://elsewhere.test")] {
         let conn = ConductorConnection::new(url.as_str(), options(origin, Dialect::Value)).unwrap();
         match within(LIMIT, "a refused handshake", conn.open(None)).await {
-            Err(ConductorError::Connect(why)) => assert!(why.contains("400"), "{why}"),
+            Err(ConductorError::Dial {
+                stage: DialStage::WebSocket,
+                source,
+                ..
+            }) => match source.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+                Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    assert_eq!(response.status().as_u16(), 400)
+                }
+                other => panic!("{other:?}"),
+            },
             other => panic!("origin {origin:?}: {other:?}"),
         }
     }

@@ -1,6 +1,6 @@
 //! The client: [`ConductorConnection`], the seed's `Connection` in Rust form.
 
-use super::{ws_config, CellId, ConductorError, Dialect, Value};
+use super::{ws_config, CellId, ConductorError, DialStage, Dialect, Value};
 use crate::transport::{client_config, TlsClientOptions};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -178,26 +178,34 @@ async fn dial(
         .trim_matches(['[', ']'])
         .to_owned();
     let port = parsed.port_or_known_default().unwrap_or(80);
-    let connect_err = |e: &dyn std::fmt::Display| ConductorError::Connect(format!("{uri}: {e}"));
+    let fail =
+        |stage: DialStage, source: Box<dyn std::error::Error + Send + Sync>| ConductorError::Dial {
+            uri: uri.to_owned(),
+            stage,
+            source: source.into(),
+        };
     let tcp = TcpStream::connect((host.as_str(), port))
         .await
-        .map_err(|e| connect_err(&e))?;
+        .map_err(|e| fail(DialStage::Tcp, e.into()))?;
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = if parsed.scheme() == "wss" {
-        let config = client_config(&options.tls).map_err(|e| connect_err(&e))?;
-        let name =
-            rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| connect_err(&e))?;
+        let config = client_config(&options.tls).map_err(|e| fail(DialStage::Tls, e.into()))?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| fail(DialStage::Tls, e.into()))?;
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
-            .map_err(|e| connect_err(&e))?;
+            .map_err(|e| fail(DialStage::Tls, e.into()))?;
         Box::new(tls)
     } else {
         Box::new(tcp)
     };
-    let mut request = uri.into_client_request().map_err(|e| connect_err(&e))?;
+    let mut request = uri
+        .into_client_request()
+        .map_err(|e| fail(DialStage::WebSocket, e.into()))?;
     if let Some(origin) = &options.origin {
-        let value = http::HeaderValue::from_str(origin).map_err(|e| connect_err(&e))?;
+        let value = http::HeaderValue::from_str(origin)
+            .map_err(|e| fail(DialStage::WebSocket, e.into()))?;
         request.headers_mut().insert(http::header::ORIGIN, value);
     }
     let (ws, _) = tokio_tungstenite::client_async_with_config(
@@ -206,7 +214,7 @@ async fn dial(
         Some(ws_config(options.max_message_size)),
     )
     .await
-    .map_err(|e| connect_err(&e))?;
+    .map_err(|e| fail(DialStage::WebSocket, e.into()))?;
     Ok(ws)
 }
 
@@ -604,9 +612,7 @@ where
                 }
                 Some(Command::Request { method, args, reply }) => {
                     if pending.len() >= MAX_PENDING {
-                        let _ = reply.send(Err(ConductorError::WebSocket(format!(
-                            "more than {MAX_PENDING} requests pending"
-                        ))));
+                        let _ = reply.send(Err(ConductorError::TooManyPending { limit: MAX_PENDING }));
                         continue;
                     }
                     let id = next_id;
@@ -620,7 +626,7 @@ where
                 }
                 Some(Command::Send(msg, reply)) => {
                     let sent = sink.send(WsMessage::binary(msg.encode())).await;
-                    let _ = reply.send(sent.map_err(|e| ConductorError::WebSocket(e.to_string())));
+                    let _ = reply.send(sent.map_err(|e| ConductorError::WebSocket(Arc::new(e))));
                 }
                 Some(Command::Forget) => pending.retain(|_, r| !r.is_closed()),
                 Some(Command::Flush(tx)) => {

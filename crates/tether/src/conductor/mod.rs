@@ -39,13 +39,16 @@ pub use server::{
 };
 pub use tether_wire::conductor::{CellId, Dialect, Value};
 
+use std::sync::Arc;
 use std::time::Duration;
 use tether_wire::conductor::WireError;
 use thiserror::Error;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-/// What can go wrong on a conductor connection.
+/// What can go wrong on a conductor connection. Clone (one connect error is reported to every
+/// waiter), so sources are shared behind an `Arc`.
 #[derive(Debug, Clone, Error)]
+#[non_exhaustive]
 pub enum ConductorError {
     /// The address is not a port, `host:port` or a `ws://`/`wss://` URL.
     #[error("invalid address: {0}")]
@@ -58,9 +61,22 @@ pub enum ConductorError {
         /// The deadline.
         after: Duration,
     },
-    /// Connecting (TCP, TLS or the WebSocket handshake) failed.
+    /// Listening failed (the address, or binding it).
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// Dialling `uri` failed at `stage`; `source` is the underlying error (for the handshake,
+    /// a tungstenite error: an HTTP refusal such as a conductor's 400 for a missing or
+    /// disallowed `Origin` is `tungstenite::Error::Http`).
+    #[error("cannot connect to {uri} ({stage}): {source}")]
+    Dial {
+        /// The URL dialled.
+        uri: String,
+        /// Which step failed.
+        stage: DialStage,
+        /// Why.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// The connection is closed.
     #[error("connection closed")]
     Closed,
@@ -81,9 +97,37 @@ pub enum ConductorError {
     /// The peer sent something that is not a valid envelope.
     #[error(transparent)]
     Wire(#[from] WireError),
-    /// A WebSocket or socket error.
+    /// More requests than a connection keeps pending (65 536) were awaiting answers.
+    #[error("more than {limit} requests pending on this connection")]
+    TooManyPending {
+        /// The limit.
+        limit: usize,
+    },
+    /// Writing to the WebSocket failed.
     #[error("websocket: {0}")]
-    WebSocket(String),
+    WebSocket(#[source] Arc<tokio_tungstenite::tungstenite::Error>),
+}
+
+/// The step of dialling that failed ([`ConductorError::Dial`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DialStage {
+    /// The TCP connection.
+    Tcp,
+    /// The TLS handshake of `wss://` (or its configuration: the CA file, the server name).
+    Tls,
+    /// The WebSocket upgrade (an HTTP refusal lands here).
+    WebSocket,
+}
+
+impl std::fmt::Display for DialStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DialStage::Tcp => "tcp",
+            DialStage::Tls => "tls",
+            DialStage::WebSocket => "websocket handshake",
+        })
+    }
 }
 
 fn ws_config(max: usize) -> WebSocketConfig {
