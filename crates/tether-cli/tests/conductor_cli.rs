@@ -248,6 +248,25 @@ fn conductor_cli_against_the_holochain_websocket_crate() {
             ]
         )
     );
+    // --timeout bounds the request: the peer answers `sleep` after 5 s.
+    let (code, lines) = conductor(
+        &[
+            &[
+                "call",
+                url.as_str(),
+                "sleep",
+                r#"{"ms":5000}"#,
+                "--timeout",
+                "300",
+            ],
+            &auth[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        (code, lines[0]["error"]["kind"].as_str()),
+        (Some(1), Some("timeout"))
+    );
     let (code, lines) = conductor(&["call", &url, "answer", "--token", "hc"]);
     assert_eq!(
         (code, lines[0]["error"]["kind"].as_str()),

@@ -49,7 +49,10 @@ pub struct ConductorOptions {
     pub secure: bool,
     /// TLS trust for `wss://`.
     pub tls: TlsClientOptions,
-    /// Largest message accepted. Default 16 MiB.
+    /// Largest message (and frame) accepted from the peer. Default 64 MiB, a conductor's own
+    /// limit for messages (`holochain_websocket`'s default), so any answer a conductor can
+    /// send is received; decoding it is bounded by the budget of
+    /// [`tether_wire::conductor::decode_budget`] (about 4× its size).
     pub max_message_size: usize,
     /// The payload convention spoken. Default [`Dialect::Value`] (Holochain 0.5+).
     pub dialect: Dialect,
@@ -65,7 +68,7 @@ impl Default for ConductorOptions {
             host: "127.0.0.1".into(),
             secure: false,
             tls: TlsClientOptions::default(),
-            max_message_size: 16 << 20,
+            max_message_size: 64 << 20,
             dialect: Dialect::Value,
             origin: Some("tether".into()),
         }
