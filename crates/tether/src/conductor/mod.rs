@@ -28,6 +28,7 @@
 
 mod client;
 mod server;
+mod typed;
 
 pub use client::{
     AppSignal, ConductorAddress, ConductorConnection, ConductorOptions, ConductorSignal,
@@ -38,6 +39,10 @@ pub use server::{
     AUTHENTICATION_TIMEOUT,
 };
 pub use tether_wire::conductor::{CellId, Dialect, Value};
+pub use typed::{
+    from_nested, from_payload, to_nested, to_payload, typed_handler, PayloadError, TypedConductor,
+    TypedRequestError,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
