@@ -96,9 +96,8 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> TokenStream {
             options.signature_reason = on.value;
             Ok(())
         } else {
-            Err(meta.error(
-                "expected `name = \"…\"`, `crate = \"…\"` or `signature_reason = false`",
-            ))
+            Err(meta
+                .error("expected `name = \"…\"`, `crate = \"…\"` or `signature_reason = false`"))
         }
     });
     parse_macro_input!(attr with parser);
@@ -199,9 +198,9 @@ fn item_attributes(f: &mut syn::TraitItemFn) -> syn::Result<(String, Kind, bool,
             } else if meta.path.is_ident("emit") {
                 kind = Kind::Emit;
             } else {
-                return Err(meta.error(
-                    "expected `rename = \"…\"`, `connection`, `raw`, `event` or `emit`",
-                ));
+                return Err(
+                    meta.error("expected `rename = \"…\"`, `connection`, `raw`, `event` or `emit`")
+                );
             }
             Ok(())
         });
@@ -519,7 +518,8 @@ fn expand(item_trait: &mut ItemTrait, options: Options) -> syn::Result<TokenStre
             let emit_fn = format_ident!("emit_{}", ident);
             let broadcast_fn = format_ident!("broadcast_{}", ident);
             let args_doc = format!("The arguments of `{iface}.{wire}` as JSTP values.");
-            let emit_doc = format!("Sends `{iface}.{wire}` to one peer, waiting under backpressure.");
+            let emit_doc =
+                format!("Sends `{iface}.{wire}` to one peer, waiting under backpressure.");
             let broadcast_doc = format!(
                 "Sends `{iface}.{wire}` to every client of `server`; returns how many it was \
                  queued for."

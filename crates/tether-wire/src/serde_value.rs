@@ -1334,8 +1334,8 @@ mod tests {
 
     #[test]
     fn value_round_trips_through_itself() {
-        let v = crate::parse("{a:[1,,null,'x',{b:true}],'7':-2.5,c:undefined,d:'\\ud800x'}")
-            .unwrap();
+        let v =
+            crate::parse("{a:[1,,null,'x',{b:true}],'7':-2.5,c:undefined,d:'\\ud800x'}").unwrap();
         let Value::Object(o) = &v else {
             panic!("{v:?}")
         };

@@ -342,7 +342,12 @@ impl<A> std::fmt::Debug for EventStream<A> {
 impl<A: DeserializeOwned + Send + 'static> EventStream<A> {
     /// Subscribes to `iface.event` on `conn` (see [`TypedConnection::typed_events`]).
     pub fn new(conn: &Connection, iface: &str, event: &str) -> Self {
-        let state = (conn.events(), conn.clone(), iface.to_owned(), event.to_owned());
+        let state = (
+            conn.events(),
+            conn.clone(),
+            iface.to_owned(),
+            event.to_owned(),
+        );
         let inner = futures::stream::unfold(Some(state), |state| async move {
             let (mut rx, conn, iface, event) = state?;
             loop {

@@ -275,7 +275,10 @@ async fn typed_streams_from_their_server() {
     within(LIMIT, "their chat.send", chat.send("hello 'node'".into()))
         .await
         .unwrap();
-    let (user, text) = next(&mut messages, "their chat.message").await.unwrap().unwrap();
+    let (user, text) = next(&mut messages, "their chat.message")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((user, text.as_str()), (None, "hello 'node'"));
 
     // control.emit(iface, event, args): their server sends us any event.
@@ -284,15 +287,14 @@ async fn typed_streams_from_their_server() {
     let () = within(
         LIMIT,
         "their control.emit",
-        conn.call_typed(
-            "control",
-            "emit",
-            ("room", "posted", (&sent,)),
-        ),
+        conn.call_typed("control", "emit", ("room", "posted", (&sent,))),
     )
     .await
     .unwrap();
-    let (got,) = next(&mut notes, "their room.posted").await.unwrap().unwrap();
+    let (got,) = next(&mut notes, "their room.posted")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, sent);
     conn.close().await;
 }
