@@ -24,11 +24,13 @@ function rows(id, items, cells) {
 }
 
 function chart(id, values) {
+  // One rate is still a line (a flat one), so the chart shows from the second snapshot on.
+  if (values.length === 1) values = [values[0], values[0]];
   const max = Math.max(1, ...values);
   const step = 300 / Math.max(1, HISTORY - 1);
   const offset = HISTORY - values.length;
   const points = values.map((v, i) =>
-    ((offset + i) * step).toFixed(1) + "," + (60 - (v / max) * 58).toFixed(1));
+    ((offset + i) * step).toFixed(1) + "," + (58 - (v / max) * 56).toFixed(1));
   document.querySelector("#" + id + " polyline").setAttribute("points", points.join(" "));
 }
 
