@@ -40,6 +40,7 @@ pub mod conductor;
 pub mod connection;
 pub mod error;
 pub mod example;
+pub mod guard;
 pub mod http;
 pub mod hub;
 pub mod memory;

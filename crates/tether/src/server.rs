@@ -19,6 +19,7 @@ use crate::connection::{
     self, Accepted, Connection, ConnectionConfig, HandshakeDecision, ServerHooks, SessionFate,
 };
 use crate::error::{Error, RemoteError};
+pub use crate::guard::{SessionBinding, Throttle};
 use crate::store::{MemoryStore, SessionStore};
 use crate::transport::{Endpoint, Listener, ListenerOptions, Transport};
 use futures::future::BoxFuture;
@@ -96,15 +97,14 @@ impl AuthPolicy for LoginPolicy {
             let creds = request.credentials.as_array()?;
             let user = creds.first()?.as_str()?;
             let password = creds.get(1)?.as_str()?;
-            // Compare in constant time over the password bytes to avoid a timing oracle.
-            let expected = self.users.get(user)?;
-            let same = expected.len() == password.len()
-                && expected
-                    .bytes()
-                    .zip(password.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0;
-            same.then(|| user.to_owned())
+            // Constant time in the password's bytes and length (keyed digests first), and an
+            // unknown user costs the same comparison, so timing tells neither.
+            let expected = self.users.get(user);
+            let same = crate::guard::passwords_equal(
+                expected.map_or("\u{0}unknown user", String::as_str),
+                password,
+            );
+            (same && expected.is_some()).then(|| user.to_owned())
         })();
         Box::pin(async move { result.ok_or_else(|| RemoteError::code(ErrorCode::AuthFailed)) })
     }
@@ -154,6 +154,7 @@ pub struct ServerBuilder {
     store: Option<Arc<dyn SessionStore>>,
     client_expiration: Duration,
     cluster: Option<crate::cluster::Cluster>,
+    guards: crate::guard::GuardConfig,
 }
 
 impl Default for ServerBuilder {
@@ -169,6 +170,7 @@ impl Default for ServerBuilder {
             store: None,
             client_expiration: Duration::from_secs(3600),
             cluster: None,
+            guards: crate::guard::GuardConfig::default(),
         }
     }
 }
@@ -236,6 +238,54 @@ impl ServerBuilder {
         self
     }
 
+    /// Ties login sessions to where they were created: a `session` handshake restoring a
+    /// session that has a user name must come from the same source network (or it gets code
+    /// 11, as an unknown session). Default [`SessionBinding::Off`], as `@metarhia/jstp`: the
+    /// session id alone restores the session. See `docs/threat-model.md`.
+    pub fn session_binding(mut self, binding: SessionBinding) -> Self {
+        self.guards.binding = binding;
+        self
+    }
+
+    /// Throttles failed `login` (and custom strategy) handshakes per source address (IPv6:
+    /// per /64); an attempt past the throttle gets code 11 without its credentials being
+    /// checked. Default [`Throttle::DEFAULT_PER_SOURCE`] (20 at once, then one per second);
+    /// `None` turns it off.
+    pub fn login_throttle_per_source(mut self, throttle: Option<Throttle>) -> Self {
+        self.guards.per_source = throttle;
+        self
+    }
+
+    /// Throttles failed `login` handshakes per user name, as
+    /// [`ServerBuilder::login_throttle_per_source`]. Default [`Throttle::DEFAULT_PER_USER`]
+    /// (10 at once, then one every 5 s); `None` turns it off.
+    pub fn login_throttle_per_user(mut self, throttle: Option<Throttle>) -> Self {
+        self.guards.per_user = throttle;
+        self
+    }
+
+    /// Caps the sessions waiting in memory for their clients (detached): at most `count`
+    /// sessions holding at most `bytes` of session state (the encoded session, its resend
+    /// buffer included). Past either cap the oldest detached session's connection closes and
+    /// the session lives on in the session store only (a restore then comes from the store).
+    /// Defaults [`guard::DEFAULT_MAX_DETACHED`](crate::guard::DEFAULT_MAX_DETACHED) (1 024)
+    /// and [`guard::DEFAULT_MAX_DETACHED_BYTES`](crate::guard::DEFAULT_MAX_DETACHED_BYTES)
+    /// (64 MiB).
+    pub fn detached_session_limits(mut self, count: usize, bytes: usize) -> Self {
+        self.guards.max_detached = count;
+        self.guards.max_detached_bytes = bytes;
+        self
+    }
+
+    /// How long one session-store call may take. Past it a new session goes on in memory
+    /// (the write is given up, logged at most every 5 s) and a restore that needs the store is
+    /// refused with code 16, so a stalled store never holds a handshake. Default
+    /// [`guard::DEFAULT_STORE_TIMEOUT`](crate::guard::DEFAULT_STORE_TIMEOUT) (1 s).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.guards.store_timeout = timeout;
+        self
+    }
+
     /// Settings for listeners (TLS, message size limit).
     pub fn listener_options(mut self, options: ListenerOptions) -> Self {
         self.listener = options;
@@ -263,6 +313,7 @@ impl ServerBuilder {
                 discarded: Mutex::new(Tombstones::default()),
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 client_expiration: self.client_expiration,
+                guard: crate::guard::Guard::new(self.guards),
                 events,
                 shutdown: shutdown_tx,
             }),
@@ -291,6 +342,8 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// The cluster this node joined: broadcasts are published there too.
     cluster: Option<crate::cluster::Cluster>,
+    /// Binding, throttles, detached-session caps, store deadlines.
+    guard: crate::guard::Guard,
 }
 
 /// The most recently discarded session ids, at most [`Tombstones::MAX`] (the oldest go first;
@@ -374,21 +427,32 @@ impl ServerHooks for Hooks {
             let username = match auth {
                 Auth::Anonymous => None,
                 Auth::Session { id, received } => {
-                    return restore_decision(&inner, id, received, application).await
+                    return restore_decision(&inner, &conn, id, received, application).await
                 }
                 Auth::Login { user, password } => {
                     let creds = Value::Array(vec![user.into(), password.into()]);
-                    Some(authenticate(&inner, conn, &application, "login", creds).await?)
+                    Some(authenticate(&inner, conn.clone(), &application, "login", creds).await?)
                 }
                 Auth::Custom {
                     strategy,
                     credentials,
-                } => Some(authenticate(&inner, conn, &application, &strategy, credentials).await?),
+                } => Some(
+                    authenticate(&inner, conn.clone(), &application, &strategy, credentials)
+                        .await?,
+                ),
             };
+            // 122 random bits from the OS generator (uuid's v4 reads getrandom): the id is the
+            // session's bearer secret, see docs/threat-model.md.
+            let session_id = uuid::Uuid::new_v4().to_string();
+            if username.is_some() {
+                if let Some(origin) = inner.guard.config.binding.origin(&conn) {
+                    lock(&inner.guard.origins).insert(session_id.clone(), origin);
+                }
+            }
             Ok(HandshakeDecision::New(Accepted {
                 app: application,
                 username,
-                session_id: uuid::Uuid::new_v4().to_string(),
+                session_id,
             }))
         })
     }
@@ -396,14 +460,20 @@ impl ServerHooks for Hooks {
     fn on_ready(&self, conn: &Connection, restored: bool, session: String) {
         crate::metrics::handshake_ready(restored);
         lock(&self.0.clients).insert(conn.id(), conn.clone());
+        lock(&self.0.guard.detached).remove(conn.id());
         if let Some(id) = conn.session_id() {
             lock(&self.0.sessions).insert(id.clone(), conn.clone());
-            // Write-through, so the store knows the session even if this process dies.
-            let store = self.0.store.clone();
+            // Write-through, so the store knows the session even if this process dies. Off
+            // the connection's task and under the store timeout: a store that is down leaves
+            // the session in memory only.
+            let inner = self.0.clone();
             tokio::spawn(async move {
-                if let Err(e) = store.set(&id, session).await {
-                    tracing::warn!(error = %e, "session store write failed");
-                }
+                let text =
+                    crate::guard::wrap_stored(inner.guard.origin_of(&id).as_deref(), session);
+                let _ = inner
+                    .guard
+                    .store("session store write failed", inner.store.set(&id, text))
+                    .await;
             });
         }
         if restored {
@@ -419,15 +489,38 @@ impl ServerHooks for Hooks {
             self.0.emit(ServerEvent::Disconnect(conn.clone()));
         }
         if let Some(id) = conn.session_id() {
-            let store = self.0.store.clone();
-            tokio::spawn(async move {
-                let saved = async {
-                    store.set(&id, session).await?;
-                    store.set_inactive(&id).await
-                };
-                if let Err(e) = saved.await {
-                    tracing::warn!(error = %e, "session store write failed");
+            let guard = &self.0.guard;
+            let evicted = lock(&guard.detached).insert(
+                conn.id(),
+                session.len(),
+                guard.config.max_detached,
+                guard.config.max_detached_bytes,
+            );
+            if !evicted.is_empty() {
+                // Past the caps: the oldest detached connections close, and closing writes
+                // their sessions to the store, where a restore still finds them.
+                let all = lock(&self.0.all);
+                let closing: Vec<Connection> =
+                    evicted.iter().filter_map(|c| all.get(c).cloned()).collect();
+                drop(all);
+                let (count, bytes) = lock(&guard.detached).totals();
+                guard.warnings.warn(
+                    "detached sessions over their cap: the oldest live on in the store only",
+                    &format_args!("{} closed, {count} detached, {bytes} bytes", closing.len()),
+                );
+                for c in closing {
+                    tokio::spawn(async move { c.close().await });
                 }
+            }
+            let inner = self.0.clone();
+            tokio::spawn(async move {
+                let text =
+                    crate::guard::wrap_stored(inner.guard.origin_of(&id).as_deref(), session);
+                let saved = async {
+                    inner.store.set(&id, text).await?;
+                    inner.store.set_inactive(&id).await
+                };
+                let _ = inner.guard.store("session store write failed", saved).await;
             });
         }
     }
@@ -443,6 +536,7 @@ impl ServerHooks for Hooks {
         Box::pin(async move {
             crate::metrics::connection_closed(conn.transport_info().map(|i| i.kind), "jstp");
             lock(&inner.all).remove(&conn.id());
+            lock(&inner.guard.detached).remove(conn.id());
             if was_ready && lock(&inner.clients).remove(&conn.id()).is_some() {
                 inner.emit(ServerEvent::Disconnect(conn.clone()));
             }
@@ -452,26 +546,30 @@ impl ServerHooks for Hooks {
             match session {
                 SessionFate::Keep(state) => {
                     // The store has the session before the live cache forgets it, so a client
-                    // reconnecting right now finds it in one or the other.
+                    // reconnecting right now finds it in one or the other (unless the store
+                    // is down past its timeout: then the session ends here).
+                    let text =
+                        crate::guard::wrap_stored(inner.guard.origin_of(&id).as_deref(), state);
                     let saved = async {
-                        inner.store.set(&id, state).await?;
+                        inner.store.set(&id, text).await?;
                         inner.store.set_inactive(&id).await
                     };
-                    if let Err(e) = saved.await {
-                        tracing::warn!(error = %e, "session store write failed");
-                    }
+                    let _ = inner.guard.store("session store write failed", saved).await;
                 }
                 SessionFate::Discard => {
                     lock(&inner.discarded).insert(id.clone());
-                    if let Err(e) = inner.store.remove(&id).await {
-                        tracing::warn!(error = %e, "session store delete failed");
-                    }
+                    let _ = inner
+                        .guard
+                        .store("session store delete failed", inner.store.remove(&id))
+                        .await;
                 }
                 SessionFate::HandedOver => {}
             }
             let mut sessions = lock(&inner.sessions);
             if sessions.get(&id).is_some_and(|c| c.id() == conn.id()) {
                 sessions.remove(&id);
+                // The store copy carries the binding from here on.
+                lock(&inner.guard.origins).remove(&id);
             }
         })
     }
@@ -490,39 +588,63 @@ impl ServerHooks for Hooks {
 }
 
 /// A `session` handshake: the live connection that holds the session, or the session from the
-/// store, or `[11]` as upstream when neither knows it.
+/// store, or `[11]` as upstream when neither knows it (or, with a [`SessionBinding`], when the
+/// client comes from elsewhere), or `[16]` when the store fails or times out.
 async fn restore_decision(
     inner: &Inner,
+    conn: &Connection,
     id: String,
     peer_received: u64,
     app: Arc<Application>,
 ) -> Result<HandshakeDecision, RemoteError> {
+    let unknown = || RemoteError::code(ErrorCode::AuthFailed);
+    let here = inner.guard.config.binding.origin(conn);
+    // Refused like an unknown id, so a wrong place cannot learn that the id is live.
+    let bound_elsewhere = |origin: Option<&str>| match (origin, here.as_deref()) {
+        (Some(origin), Some(here)) => origin != here,
+        _ => false,
+    };
     let live = lock(&inner.sessions)
         .get(&id)
         .filter(|c| !c.is_closed())
         .cloned();
     if let Some(target) = live {
+        if bound_elsewhere(inner.guard.origin_of(&id).as_deref()) {
+            tracing::info!(session = ?target.session_tag(), "restore from another network refused");
+            return Err(unknown());
+        }
         return Ok(HandshakeDecision::Adopt {
             target,
             peer_received,
         });
     }
-    let unknown = || RemoteError::code(ErrorCode::AuthFailed);
     if lock(&inner.discarded).contains(&id) {
         return Err(unknown());
     }
-    let text = match inner.store.get(&id).await {
+    let text = match inner
+        .guard
+        .store("session store read failed", inner.store.get(&id))
+        .await
+    {
         Ok(Some(text)) => text,
         Ok(None) => return Err(unknown()),
-        Err(e) => {
-            tracing::warn!(error = %e, "session store read failed");
-            return Err(unknown());
-        }
+        // The store is down or slow: say so (16), not "unknown session" (11), so a client
+        // keeps its session and retries instead of starting a new one.
+        Err(_) => return Err(RemoteError::code(ErrorCode::InternalApiError)),
     };
-    match Session::decode(&text, inner.connection.session) {
+    let (origin, text) = crate::guard::unwrap_stored(&text);
+    if bound_elsewhere(origin) {
+        tracing::info!("restore of a stored session from another network refused");
+        return Err(unknown());
+    }
+    match Session::decode(text, inner.connection.session) {
         Ok(session)
-            if session.role() == tether_wire::session::Role::Server && session.id() == id =>
+            if session.role() == tether_wire::session::Role::Server
+                && crate::guard::secrets_equal(session.id(), &id) =>
         {
+            if let Some(origin) = origin {
+                lock(&inner.guard.origins).insert(id, origin.to_owned());
+            }
             Ok(HandshakeDecision::Restore {
                 session,
                 app,
@@ -531,7 +653,7 @@ async fn restore_decision(
         }
         Ok(_) => Err(unknown()),
         Err(e) => {
-            tracing::warn!(error = %e, "stored session is invalid");
+            inner.guard.warnings.warn("stored session is invalid", &e);
             Err(unknown())
         }
     }
@@ -547,6 +669,23 @@ async fn authenticate(
     let Some(policy) = &inner.auth else {
         return Err(RemoteError::code(ErrorCode::AuthFailed));
     };
+    // An attempt is taken from the source's and the user's buckets before the policy runs, so
+    // parallel guesses cannot outrun the throttle, and given back when it succeeds.
+    let guard = &inner.guard;
+    let source = crate::guard::source_key(&connection);
+    let user_key = (strategy == "login")
+        .then(|| credentials.as_array()?.first()?.as_str().map(str::to_owned))
+        .flatten();
+    if !guard.per_source.take(&source) {
+        tracing::debug!(%source, "login throttled (source)");
+        return Err(RemoteError::code(ErrorCode::AuthFailed));
+    }
+    if let Some(u) = &user_key {
+        if !guard.per_user.take(u) {
+            tracing::debug!(%source, "login throttled (user)");
+            return Err(RemoteError::code(ErrorCode::AuthFailed));
+        }
+    }
     let user = policy
         .authenticate(AuthRequest {
             connection,
@@ -557,6 +696,10 @@ async fn authenticate(
         .await?;
     if user.is_empty() {
         return Err(RemoteError::code(ErrorCode::AuthFailed));
+    }
+    guard.per_source.give_back(&source);
+    if let Some(u) = &user_key {
+        guard.per_user.give_back(u);
     }
     Ok(user)
 }
