@@ -174,7 +174,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
         add(&mut endpoints, "ws", "ws://127.0.0.1:8080".into())?;
     }
 
-    let mut listener = ListenerOptions::default().with_max_message_size(args.max_message_size);
+    let mut listener = ListenerOptions::default()
+        .with_max_message_size(args.max_message_size)
+        .with_handshake_timeout(Duration::from_millis(args.handshake_timeout));
     if !args.tls.is_empty() || !args.wss.is_empty() {
         let (Some(cert), Some(key)) = (&args.cert, &args.key) else {
             return Err(Failure::Usage(
@@ -273,9 +275,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
             }
             builder
         });
+        // The same handshake deadline as every other listener (--handshake-timeout).
+        let listener_floor = tether::transport::ListenOptions::builder()
+            .handshake_timeout(Duration::from_millis(args.handshake_timeout))
+            .build();
         for addr in &args.conductor {
             let bound = conductor
-                .listen(addr)
+                .listen_with(addr, &listener_floor)
                 .await
                 .map_err(|e| Failure::Usage(format!("--conductor {addr}: {e}")))?;
             tracing::info!(%bound, "conductor listening");

@@ -728,6 +728,7 @@ impl<T: Send + 'static> StreamListener<T> {
         };
         let (tx, rx) = mpsc::channel(options.accept_queue.max(1));
         let shared = Arc::new(Shared {
+            local_addr: local_addr.clone(),
             options: options.clone(),
             tls: options.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             caps: Arc::new(Caps {
@@ -816,6 +817,8 @@ pub(crate) async fn remove_stale_socket(path: &Path) -> Result<(), FloorError> {
 }
 
 struct Shared<T> {
+    /// The bound address, named in log lines.
+    local_addr: String,
     options: ListenOptions,
     tls: Option<tokio_rustls::TlsAcceptor>,
     caps: Arc<Caps>,
@@ -923,7 +926,12 @@ async fn accept_loop<T: Send + 'static>(
                     tracing::debug!(error = %e, "accept failed for one connection");
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, pause = ?backoff, "accept failed; backing off");
+                    tracing::warn!(
+                        listener = %shared.local_addr,
+                        error = %e,
+                        pause = ?backoff,
+                        "accept failed; backing off"
+                    );
                     // Reported without waiting: a consumer that is not reading must not stall
                     // the back-off (a full queue drops the report, the log line stays).
                     let _ = tx.try_send(Err(FloorError::Io { what: "accept", source: e }));
