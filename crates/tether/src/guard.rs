@@ -261,8 +261,9 @@ impl WarnLimiter {
         }
     }
 
-    /// Logs `what` with `error` unless `what` was logged less than `every` ago.
-    pub(crate) fn warn(&self, what: &'static str, error: &dyn std::fmt::Display) {
+    /// Logs `what` with `error` unless `what` was logged less than `every` ago; returns
+    /// whether it logged.
+    pub(crate) fn warn(&self, what: &'static str, error: &dyn std::fmt::Display) -> bool {
         let now = Instant::now();
         let suppressed = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,12 +273,13 @@ impl WarnLimiter {
                 .is_some_and(|at| now.duration_since(at) < self.every)
             {
                 entry.1 += 1;
-                return;
+                return false;
             }
             entry.0 = Some(now);
             std::mem::take(&mut entry.1)
         };
         tracing::warn!(%error, suppressed, "{what}");
+        true
     }
 }
 
@@ -481,6 +483,25 @@ mod tests {
         b.give_back("k");
         assert!(b.take("k"));
         assert!(Buckets::new(None).take("k"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_warning_is_logged_once_per_interval() {
+        let w = WarnLimiter::new(Duration::from_secs(5));
+        assert!(w.warn("store down", &"e"));
+        let held_back = (0..119_000).filter(|_| w.warn("store down", &"e")).count();
+        assert_eq!(held_back, 0);
+        assert!(
+            w.warn("another kind", &"e"),
+            "each kind has its own interval"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(w.warn("store down", &"e"));
+        assert_eq!(
+            w.state.lock().unwrap()["store down"].1,
+            0,
+            "the count was reported"
+        );
     }
 
     #[test]
