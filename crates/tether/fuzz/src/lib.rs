@@ -1,12 +1,14 @@
 //! The body of tether's multiserver address fuzz target, free of libfuzzer so a stable test
 //! could run it too.
 
-use tether::hub::{MultiAddress, PeerKey};
+use tether::hub::{AddressError, MultiAddress, PeerKey};
 
 /// Any text → `MultiAddress`: whatever parses prints to text that parses back to an equal
 /// value and prints the same again (the round trip `address_props.rs` checks for generated
 /// addresses), its typed views never panic, and a dialable endpoint converts back to an
 /// address with the same endpoint. Keys that parse print to a form that parses to the same key.
+/// The layer check refuses exactly the dialable alternatives with a layer it was not told it
+/// can verify, and names that layer and alternative.
 pub fn address_body(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     if let Ok(key) = PeerKey::parse(&text) {
@@ -30,6 +32,7 @@ pub fn address_body(data: &[u8]) {
             assert!(addr.key().is_some(), "{text:?}: {key:?}");
         }
     }
+    check_layers(&text, &addr);
     if let Some(endpoint) = addr.endpoint() {
         let back = MultiAddress::from(&endpoint);
         let reprinted = back.to_string();
@@ -43,5 +46,34 @@ pub fn address_body(data: &[u8]) {
             Some(endpoint),
             "{text:?} → {reprinted:?}"
         );
+    }
+}
+
+fn check_layers(text: &str, addr: &MultiAddress) {
+    let dialable_layers: Vec<&str> = addr
+        .alternatives()
+        .iter()
+        .filter(|a| matches!(a.endpoint(), Ok(Some(_))))
+        .flat_map(|a| a.protocols()[1..].iter().map(|p| p.name.as_str()))
+        .collect();
+    // Verifying every layer there is passes; verifying none refuses iff a dialable
+    // alternative has a layer, naming one of them.
+    assert_eq!(addr.check_layers(&dialable_layers), Ok(()), "{text:?}");
+    match addr.check_layers(&[]) {
+        Ok(()) => assert!(dialable_layers.is_empty(), "{text:?}"),
+        Err(AddressError::UnverifiedLayer { layer, address }) => {
+            assert!(
+                dialable_layers.contains(&layer.as_str()),
+                "{text:?}: {layer}"
+            );
+            let alt: MultiAddress = address
+                .parse()
+                .unwrap_or_else(|e| panic!("{text:?}: {address:?} does not parse: {e}"));
+            assert!(
+                addr.alternatives().contains(&alt.alternatives()[0]),
+                "{text:?}"
+            );
+        }
+        Err(other) => panic!("{text:?}: {other:?}"),
     }
 }
