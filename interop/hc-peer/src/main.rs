@@ -125,7 +125,7 @@ async fn serve(
         };
         let response = match request {
             Request::Answer => Response::Answer(42),
-            Request::Divide { b, .. } if b == 0.0 => {
+            Request::Divide { b: 0.0, .. } => {
                 Response::Error(WireError::InternalError("Zero division".into()))
             }
             Request::Divide { a, b } => Response::Divide(a / b),
