@@ -35,6 +35,7 @@ const figures = (page) =>
       events: n("events"),
       status: document.getElementById("status").textContent,
       listeners: document.getElementById("listeners").rows.length,
+      listenerClients: Number(document.getElementById("listeners").rows[0]?.cells[2]?.textContent),
       updated: document.body.dataset.updated || null,
     };
   });

@@ -188,6 +188,14 @@ fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Whether a connection with local address `local` came in through the listener bound to
+/// `listener`: the same address, or the same port (a listener on 0.0.0.0 or [::] sees the
+/// address the client dialled).
+fn same_listener(listener: &str, local: &str) -> bool {
+    let port = |a: &str| a.rsplit_once(':').map(|(_, p)| p.to_owned());
+    listener == local || (port(listener).is_some() && port(listener) == port(local))
+}
+
 /// Equal in time independent of where they differ.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -343,11 +351,29 @@ impl AdminState {
                 "open": sum(m::CONNECTIONS, &same_labels),
             }));
         }
+        // Per listener: the handshaken clients that came in through it.
+        let clients = self.server.clients();
+        let listeners: Vec<Json> = lock(&self.listeners)
+            .iter()
+            .map(|l| {
+                let addr = l["addr"].as_str().unwrap_or("");
+                let n = clients
+                    .iter()
+                    .filter(|c| {
+                        c.local_addr()
+                            .is_some_and(|local| same_listener(addr, &local))
+                    })
+                    .count();
+                json!({"kind": l["kind"], "addr": addr, "clients": n})
+            })
+            .collect();
         json!({
             "t": now_ms(),
             "ready": self.ready.load(Ordering::SeqCst),
-            "clients": self.server.clients().len(),
-            "connections": sum(m::CONNECTIONS, &all),
+            "clients": clients.len(),
+            // Peers of the node (JSTP, conductor); HTTP, mostly this endpoint's own, is in
+            // `transports`.
+            "connections": sum(m::CONNECTIONS, &|s| s.labels.get("protocol") != Some("http")),
             "calls": sum(m::CALLS, &all),
             "call_errors": sum(m::CALLS, &|s| s.labels.get("outcome") == Some("error")),
             "events_sent": sum(m::EVENTS_SENT, &all),
@@ -363,7 +389,7 @@ impl AdminState {
                 "operations": sum(m::STORE_OPERATIONS, &all),
                 "errors": sum(m::STORE_OPERATIONS, &|s| s.labels.get("outcome") == Some("error")),
             },
-            "listeners": lock(&self.listeners).clone(),
+            "listeners": listeners,
             "transports": transports,
             "errors": lock(&self.errors).iter().rev().cloned().collect::<Vec<_>>(),
         })

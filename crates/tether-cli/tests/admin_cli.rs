@@ -168,7 +168,40 @@ async fn metrics_match_a_scripted_workload() {
         ) >= 1.0
     );
 
+    // The admin endpoint's own HTTP connections count under protocol "http".
+    let http = [("transport", "tcp"), ("protocol", "http")];
+    assert!(value(&s, "tether_connections_opened_total", &http) >= 1.0);
+    assert!(
+        !s.samples
+            .iter()
+            .any(|x| x.metric == "tether_sessions_detached"
+                && x.value != prometheus_parse::Value::Gauge(0.0)),
+        "no session detached yet"
+    );
+
+    // The client goes away without ending its session: the node keeps it detached.
     conn.close().await;
+    within(DEADLINE, "tether_sessions_detached to reach 1", async {
+        let mut every = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            every.tick().await;
+            let s = tokio::task::spawn_blocking({
+                let admin = admin.to_owned();
+                move || scrape(&admin)
+            })
+            .await
+            .unwrap();
+            let detached = s
+                .samples
+                .iter()
+                .find(|x| x.metric == "tether_sessions_detached");
+            if detached.is_some_and(|x| x.value == prometheus_parse::Value::Gauge(1.0)) {
+                assert_eq!(value(&s, "tether_sessions_detached_total", &[]), 1.0);
+                break;
+            }
+        }
+    })
+    .await;
     assert!(node.terminate(), "serve exits cleanly on SIGTERM");
 }
 
@@ -306,6 +339,10 @@ async fn admin_page_in_headless_chromium_shows_live_counters() {
     assert_eq!(updated["calls"], 3);
     assert_eq!(updated["clients"], 1);
     assert_eq!(updated["connections"], 1);
+    assert_eq!(
+        updated["listenerClients"], 1,
+        "the tcp listener's row counts the client"
+    );
     drop(stdin);
     let done = out.json("the screenshot");
     assert_eq!(done["stage"], "done", "{done}");

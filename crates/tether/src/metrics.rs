@@ -18,6 +18,7 @@
 //! | [`CALL_DURATION`] | histogram (seconds) | `interface`, `method` |
 //! | [`EVENTS_SENT`], [`EVENTS_RECEIVED`] | counter | |
 //! | [`SESSIONS_STARTED`], [`SESSIONS_DETACHED`], [`SESSIONS_RESTORED`], [`SESSIONS_EXPIRED`] | counter | |
+//! | [`SESSIONS_DETACHED_NOW`] | gauge | |
 //! | [`SLOW_CONSUMERS`] | counter | |
 //! | [`RESEND_BUFFER_BYTES`] | histogram (bytes) | |
 //! | [`STORE_OPERATIONS`] | counter | `op`, `outcome` |
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Connections accepted, by `transport` (`tcp`, `tls`, `unix`, `ws`, `wss`) and `protocol`
-/// (`jstp`, `conductor`).
+/// (`jstp`, `conductor`, `http`).
 pub const CONNECTIONS_OPENED: &str = "tether_connections_opened_total";
 /// Connections alive now (attached, or detached and waiting for their client to restore).
 pub const CONNECTIONS: &str = "tether_connections";
@@ -51,6 +52,9 @@ pub const SESSIONS_STARTED: &str = "tether_sessions_started_total";
 pub const SESSIONS_DETACHED: &str = "tether_sessions_detached_total";
 /// Sessions restored by a reconnecting client (from memory or from the store).
 pub const SESSIONS_RESTORED: &str = "tether_sessions_restored_total";
+/// Sessions detached now: their transport was lost and their client has not restored them yet
+/// (kept in memory; the ones only in the store are not counted).
+pub const SESSIONS_DETACHED_NOW: &str = "tether_sessions_detached";
 /// Detached sessions that expired from memory without a restore.
 pub const SESSIONS_EXPIRED: &str = "tether_sessions_expired_total";
 /// Sessions ended because their peer did not keep up (resend buffer full).
@@ -146,7 +150,41 @@ pub(crate) fn handshake_timeout() {
 pub(crate) fn session_detached(session: Option<&tether_wire::session::Session>) {
     let buffered_bytes = session.map_or(0, |s| s.buffered_bytes());
     metrics::counter!(SESSIONS_DETACHED).increment(1);
+    metrics::gauge!(SESSIONS_DETACHED_NOW).increment(1.0);
     metrics::histogram!(RESEND_BUFFER_BYTES).record(buffered_bytes as f64);
+}
+
+/// A server connection's session left the detached state (restored, expired or closed), if
+/// it was in it.
+pub(crate) fn session_left_detached(was_detached: bool) {
+    if was_detached {
+        metrics::gauge!(SESSIONS_DETACHED_NOW).decrement(1.0);
+    }
+}
+
+/// Counts one HTTP connection (`tether::http` server, TCP with or without TLS) for as long as
+/// it lives.
+#[derive(Debug)]
+pub struct HttpConnectionGuard(());
+
+impl HttpConnectionGuard {
+    /// Counts an HTTP connection as opened and open.
+    pub fn new() -> Self {
+        connection_opened(crate::TransportKind::Tcp, "http");
+        HttpConnectionGuard(())
+    }
+}
+
+impl Default for HttpConnectionGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HttpConnectionGuard {
+    fn drop(&mut self) {
+        connection_closed(Some(crate::TransportKind::Tcp), "http");
+    }
 }
 
 /// A detached session expired from memory.

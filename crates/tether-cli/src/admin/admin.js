@@ -64,7 +64,7 @@ function show(s) {
     Math.max(0, (key(b) - key(history[i])) / Math.max(0.001, (b.t - history[i].t) / 1000)));
   chart("calls-chart", rates((x) => x.calls));
   chart("events-chart", rates(events));
-  rows("listeners", s.listeners, (l) => [l.kind, l.addr]);
+  rows("listeners", s.listeners, (l) => [l.kind, l.addr, l.clients]);
   rows("transports", s.transports, (t) => [t.transport, t.protocol, t.open, t.opened]);
   const list = document.getElementById("errors");
   list.replaceChildren(...s.errors.map((e) => {

@@ -799,6 +799,7 @@ impl Driver {
     /// Server: a new transport restores this connection's session. The old one is dropped at
     /// once, stalled or not.
     fn adopt(&mut self, transport: Transport, peer_received: u64) -> Result<(), Stop> {
+        crate::metrics::session_left_detached(matches!(self.phase, Phase::Detached));
         self.drop_link();
         self.attach(transport);
         self.timer = None;
@@ -1342,6 +1343,7 @@ impl Driver {
     }
 
     async fn shutdown(mut self, stop: Stop, handshake_reply: Option<HandshakeReply>) {
+        crate::metrics::session_left_detached(matches!(self.phase, Phase::Detached));
         let handed_over = matches!(stop, Stop::HandedOver);
         if let Stop::Gone(Some(reason)) | Stop::LinkLost(Some(reason)) = &stop {
             tracing::debug!(conn = self.conn.id(), %reason, "connection closed");

@@ -536,6 +536,7 @@ impl HttpServer {
         peer: Option<String>,
         setup_deadline: Instant,
     ) {
+        let _open = crate::metrics::HttpConnectionGuard::new();
         let options = &self.shared.options;
         if *self.shared.stop.borrow() {
             return;
