@@ -213,7 +213,7 @@ fn item_attributes(f: &mut syn::TraitItemFn) -> syn::Result<(String, Kind, bool,
         Some(e) => Err(e),
         None if kind == Kind::Emit && (connection || raw) => Err(syn::Error::new(
             f.sig.ident.span(),
-            "an #[tether(emit)] event is sent, not handled: it takes no connection and is not raw",
+            "a #[tether(emit)] event is sent, not handled: it takes no connection and is not raw",
         )),
         None => Ok((wire, kind, connection, raw)),
     }
@@ -254,7 +254,7 @@ fn item(f: &mut syn::TraitItemFn) -> syn::Result<Item> {
         if let Some(FnArg::Receiver(r)) = inputs.peek() {
             return Err(syn::Error::new(
                 r.span(),
-                "an #[tether(emit)] event is a declaration without `self`",
+                "a #[tether(emit)] event is a declaration without `self`",
             ));
         }
     } else {

@@ -1,0 +1,7 @@
+#[tether_macros::interface]
+trait Chat {
+    #[tether(emit)]
+    fn message(&self, text: String);
+}
+
+fn main() {}
