@@ -4,6 +4,7 @@
 mod admin;
 mod bench;
 mod conductor;
+mod guard_args;
 mod config;
 mod hub;
 mod json;
