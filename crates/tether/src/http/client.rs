@@ -54,6 +54,8 @@ pub(super) struct ClientShared {
     peer: Option<String>,
     tls: Option<TlsInfo>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Ends the byte stream, wherever hyper polls it.
+    switch: Arc<KillSwitch>,
     active: AtomicUsize,
     idle_tx: watch::Sender<u64>,
     on_idle: Mutex<Option<IdleHandler>>,
@@ -91,6 +93,86 @@ pub(super) fn parse_url(url: &str) -> Result<url::Url, HttpError> {
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A switch that ends a connection's byte stream from outside. hyper runs an HTTP/2 client
+/// connection in a task of its own that lives as long as any stream does, so aborting our
+/// task cannot close it; a killed stream fails every read and write, which ends it.
+#[derive(Default)]
+struct KillSwitch {
+    killed: std::sync::atomic::AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl KillSwitch {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    fn check(&self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        self.waker.register(cx.waker());
+        if self.killed.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::ConnectionAborted.into());
+        }
+        Ok(())
+    }
+}
+
+/// A byte stream that [`KillSwitch::kill`] ends.
+struct Killable<T> {
+    io: T,
+    switch: Arc<KillSwitch>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Killable<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.switch.check(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Killable<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.switch.check(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.switch.check(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.switch.check(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -194,7 +276,11 @@ impl HttpConnection {
         peer: Option<String>,
         tls: Option<TlsInfo>,
     ) -> Result<HttpConnection, HttpError> {
-        let io = hyper_util::rt::TokioIo::new(io);
+        let switch = Arc::new(KillSwitch::default());
+        let io = hyper_util::rt::TokioIo::new(Killable {
+            io,
+            switch: switch.clone(),
+        });
         let (sender, task, version) = if http2 {
             // Until the server's SETTINGS arrive, open one stream at a time: a server with a
             // lower MAX_CONCURRENT_STREAMS than h2's default would refuse the excess.
@@ -234,6 +320,7 @@ impl HttpConnection {
                 peer,
                 tls,
                 task: Mutex::new(Some(task)),
+                switch,
                 active: AtomicUsize::new(0),
                 idle_tx: watch::channel(0).0,
                 on_idle: Mutex::new(None),
@@ -341,6 +428,8 @@ impl HttpConnection {
 
     /// Ends the connection now (lua-http's `close`); open streams fail.
     pub fn close(&self) {
+        self.shared.switch.kill();
+        lock(&self.shared.sender).take();
         if let Some(t) = lock(&self.shared.task).take() {
             t.abort();
         }
@@ -361,6 +450,7 @@ impl HttpConnection {
                 .is_err()
             {
                 abort.abort();
+                self.shared.switch.kill();
             }
         }
     }
