@@ -335,3 +335,99 @@ fn conductor_call_over_wss_with_ca_or_insecure() {
         (Some(1), Some("connect"))
     );
 }
+
+/// Peak resident memory of process `pid` (`VmHWM` in /proc), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/PID/status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Sends request `id` with payload bytes `data` on a raw WebSocket and returns the decoded
+/// payload of its response.
+async fn exchange(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    id: u64,
+    data: Vec<u8>,
+) -> tether_wire::conductor::Payload {
+    use futures::{SinkExt, StreamExt};
+    use tether_wire::conductor::{Payload, WireMessage};
+    let request = WireMessage::Request { id, data }.encode();
+    within(DEADLINE, "send a request", ws.send(request.into()))
+        .await
+        .unwrap();
+    let reply = within(DEADLINE, "its response", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
+    match WireMessage::decode(&reply.into_data()).unwrap() {
+        WireMessage::Response { id: got, data } if got == id => {
+            Payload::decode(&data.unwrap()).unwrap()
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Issue 17's probe, as an attacker would send it: one conductor request of nearly 16 MiB of
+/// MessagePack nils to `tether serve --conductor`. It used to cost the server +672 MiB (each
+/// one-byte nil decoded into a 40-byte value); now it is refused before decoding, answered with
+/// the conductor's `deserialization` error, and the server's peak memory grows by a small
+/// multiple of the message (bounded here at 8×, far under the 40× it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_nils_costs_the_server_a_small_multiple_of_its_size() {
+    use tether_wire::conductor::{Dialect, Payload};
+    let (serve, ready) = serve(&["--conductor", "127.0.0.1:0"]);
+    let addr = ready["conductor"][0].as_str().unwrap().to_owned();
+    let sock = within(
+        DEADLINE,
+        "tcp connect",
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .unwrap();
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(32 << 20))
+        .max_frame_size(Some(32 << 20));
+    let (mut ws, _) = within(
+        DEADLINE,
+        "the websocket handshake",
+        tokio_tungstenite::client_async_with_config(format!("ws://{addr}"), sock, Some(config)),
+    )
+    .await
+    .unwrap();
+    let answer = exchange(&mut ws, 1, Dialect::Value.payload("answer", Value::Nil)).await;
+    assert_eq!(answer.content, 42.into());
+    let before = peak_rss(serve.0.id());
+
+    let n = (16 << 20) - 64; // under the server's 16 MiB message limit with the envelope
+    let mut nils = vec![0xdd];
+    nils.extend_from_slice(&(n as u32).to_be_bytes());
+    nils.resize(5 + n, 0xc0);
+    let refused = exchange(&mut ws, 2, nils).await;
+    assert_eq!(refused.kind, "error");
+    let error = Payload::from_value(refused.content).unwrap();
+    assert_eq!(error.kind, "deserialization");
+
+    let grew = peak_rss(serve.0.id()).saturating_sub(before);
+    eprintln!(
+        "peak RSS grew by {} KiB for a {} KiB request",
+        grew >> 10,
+        n >> 10
+    );
+    assert!(
+        grew < 8 * (16 << 20),
+        "peak RSS grew by {} MiB for a 16 MiB request",
+        grew >> 20
+    );
+    // The connection goes on.
+    let again = exchange(&mut ws, 3, Dialect::Value.payload("answer", Value::Nil)).await;
+    assert_eq!(again.content, 42.into());
+}
