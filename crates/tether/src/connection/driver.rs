@@ -14,7 +14,7 @@
 use super::outbound::{Thresholds, Writer};
 use super::{
     ClientHandshake, ClientReconnect, Command, Connection, ConnectionEvent, HandshakeDecision,
-    Reply, RequestCmd, RequestKind, Role, ServerHooks, SessionFate,
+    OutgoingRequest, Reply, RequestCmd, Role, ServerHooks, SessionFate,
 };
 use crate::app::{Application, MethodResult};
 use crate::error::Error;
@@ -25,7 +25,7 @@ use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_wire::session::RequestKind as SessionKind;
+use tether_wire::session::RequestKind;
 use tether_wire::{
     CallbackResult, ErrorCode, HandshakeResult, Message, PreparedEvent, RemoteErrorArray, Session,
 };
@@ -297,7 +297,7 @@ impl Driver {
     }
 
     /// Records a buffered message in the session and queues it if the transport is usable.
-    fn send_buffered(&mut self, id: i64, kind: SessionKind, text: String) -> Result<(), Error> {
+    fn send_buffered(&mut self, id: i64, kind: RequestKind, text: String) -> Result<(), Error> {
         let len = text.len();
         if let Some(session) = self.session.as_mut() {
             session
@@ -311,7 +311,7 @@ impl Driver {
         } else if let Some(w) = self.writer.as_mut() {
             w.push_text(text);
         }
-        if kind != SessionKind::Ping {
+        if kind != RequestKind::Ping {
             self.since_ack.0 += len;
             self.since_ack.1 += 1;
         }
@@ -319,7 +319,7 @@ impl Driver {
     }
 
     fn send_buffered_message(&mut self, msg: &Message) -> Result<(), Error> {
-        let Some((kind, id)) = SessionKind::of(msg) else {
+        let Some((kind, id)) = RequestKind::of(msg) else {
             self.write(msg);
             return Ok(());
         };
@@ -678,7 +678,7 @@ impl Driver {
                 }
                 let id = self.next_id();
                 let msg = match kind {
-                    RequestKind::Call {
+                    OutgoingRequest::Call {
                         iface,
                         method,
                         args,
@@ -688,8 +688,8 @@ impl Driver {
                         method,
                         args: tether_wire::Value::Array(args),
                     },
-                    RequestKind::Inspect { iface } => Message::Inspect { id, iface },
-                    RequestKind::Ping => Message::Ping { id },
+                    OutgoingRequest::Inspect { iface } => Message::Inspect { id, iface },
+                    OutgoingRequest::Ping => Message::Ping { id },
                 };
                 if let Err(e) = self.send_buffered_message(&msg) {
                     let _ = reply.send(Err(e));
@@ -735,7 +735,7 @@ impl Driver {
         // Handles queue events only once the handshake is done (and so a session exists).
         crate::metrics::event_sent();
         let id = self.next_id();
-        match self.send_buffered(id, SessionKind::Event, event.with_id(id)) {
+        match self.send_buffered(id, RequestKind::Event, event.with_id(id)) {
             Ok(()) => Ok(()),
             Err(_) => self.overflow(),
         }

@@ -246,7 +246,9 @@ impl std::fmt::Debug for Connection {
 
 type Reply = oneshot::Sender<Result<Vec<Value>, Error>>;
 
-enum RequestKind {
+/// What the handle asks the driver to put on the wire (the driver assigns the id; the
+/// session tracks it by its [`tether_wire::session::RequestKind`]).
+enum OutgoingRequest {
     Call {
         iface: String,
         method: String,
@@ -261,7 +263,7 @@ enum RequestKind {
 /// A request for the driver to send (boxed in [`Command`] to keep every queued command, and
 /// the channel's preallocated block, small).
 struct RequestCmd {
-    kind: RequestKind,
+    kind: OutgoingRequest,
     timeout: Duration,
     reply: Reply,
 }
@@ -394,7 +396,7 @@ impl Connection {
         self.shared.cmd_tx.send(cmd).map_err(|_| Error::Closed)
     }
 
-    async fn request(&self, kind: RequestKind, timeout: Duration) -> Result<Vec<Value>, Error> {
+    async fn request(&self, kind: OutgoingRequest, timeout: Duration) -> Result<Vec<Value>, Error> {
         let (reply, rx) = oneshot::channel();
         self.send_cmd(Command::Request(Box::new(RequestCmd {
             kind,
@@ -427,7 +429,7 @@ impl Connection {
     ) -> Result<Vec<Value>, Error> {
         check_finite(&args)?;
         self.request(
-            RequestKind::Call {
+            OutgoingRequest::Call {
                 iface: iface.to_owned(),
                 method: method.to_owned(),
                 args,
@@ -528,7 +530,7 @@ impl Connection {
     pub async fn inspect(&self, iface: &str) -> Result<RemoteProxy, Error> {
         let names = self
             .request(
-                RequestKind::Inspect {
+                OutgoingRequest::Inspect {
                     iface: iface.to_owned(),
                 },
                 self.shared.config.call_timeout,
@@ -553,7 +555,7 @@ impl Connection {
     /// Pings the peer and returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, Error> {
         let start = Instant::now();
-        self.request(RequestKind::Ping, self.shared.config.call_timeout)
+        self.request(OutgoingRequest::Ping, self.shared.config.call_timeout)
             .await?;
         Ok(start.elapsed())
     }
