@@ -19,23 +19,7 @@
 //! * [`StreamListener::shutdown`] (or dropping the listener) stops accepting, aborts pending
 //!   handshakes and removes the Unix socket file if it is still ours.
 //!
-//! Defaults of [`ListenOptions`]:
-//!
-//! | Setting | Default | Why |
-//! | --- | --- | --- |
-//! | `handshake_timeout` | 10 s | TLS plus an HTTP upgrade on a slow link; `tether serve --handshake-timeout` sets it |
-//! | `max_pending_handshakes` | 1024 | about 1024 sockets of kernel and TLS state; the oldest is evicted beyond it |
-//! | `max_connections` | 32 768 | the listener's share of file descriptors; the README's benchmark holds 10 000 idle connections |
-//! | `max_connections_per_ip` | 16 384 | generous because loopback benchmarks and NAT put many clients behind one address; lower it on the open internet |
-//! | `accept_queue` | 64 | established streams waiting for [`StreamListener::accept`] |
-//! | `accept_backoff_min` / `_max` | 10 ms / 1 s | after an accept error such as `EMFILE` |
-//!
-//! Defaults of [`DialOptions`]: `connect_timeout` 10 s (TCP connect and TLS handshake
-//! together), no TLS, no ALPN protocols.
-//!
-//! Memory: the per-IP table holds one entry per source address with a live connection, so it
-//! is bounded by `max_connections`; the pending-handshake queue by `max_pending_handshakes`;
-//! the accepted-stream queue by `accept_queue`.
+//! The defaults and their reasons are on [`ListenOptions`] and [`DialOptions`].
 
 use super::tls::{client_config, server_name, TlsClientOptions};
 use super::{Endpoint, TransportError};
@@ -459,8 +443,25 @@ impl Drop for ConnectionPermit {
 // ---------------------------------------------------------------------------------------------
 // Listening.
 
-/// Settings for [`StreamListener`]; see the [module docs](self) for the defaults and why.
-/// Build with [`ListenOptions::builder`].
+/// Settings for [`StreamListener`]; build with [`ListenOptions::builder`].
+///
+/// Defaults:
+///
+/// | Setting | Default | Why |
+/// | --- | --- | --- |
+/// | `handshake_timeout` | 10 s | TLS plus an HTTP upgrade on a slow link; `tether serve --handshake-timeout` sets it |
+/// | `max_pending_handshakes` | 1024 | about 1024 sockets of kernel and TLS state; the oldest is evicted beyond it |
+/// | `max_connections` | 32 768 | the listener's share of file descriptors; the README's benchmark holds 10 000 idle connections |
+/// | `max_connections_per_ip` | 16 384 | generous because loopback benchmarks and NAT put many clients behind one address; lower it on the open internet |
+/// | `accept_queue` | 64 | established streams waiting for [`StreamListener::accept`] |
+/// | `accept_backoff_min` / `_max` | 10 ms / 1 s | after an accept error such as `EMFILE` |
+///
+/// Defaults of [`DialOptions`]: `connect_timeout` 10 s (TCP connect and TLS handshake
+/// together), no TLS, no ALPN protocols.
+///
+/// Memory: the per-IP table holds one entry per source address with a live connection, so it
+/// is bounded by `max_connections`; the pending-handshake queue by `max_pending_handshakes`;
+/// the accepted-stream queue by `accept_queue`.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ListenOptions {
@@ -572,6 +573,23 @@ pub type Accepted<T> = Result<T, FloorError>;
 
 /// A bound listener yielding `T`: a [`ByteStream`] from [`bind`](Self::bind), or what the
 /// upgrade of [`bind_with`](Self::bind_with) made of one.
+///
+/// Every listener has the same guards:
+///
+/// * one **handshake deadline** covers the TLS handshake and the caller's upgrade together;
+/// * **bounded pending handshakes**: when the bound is reached, the *oldest* pending handshake
+///   is evicted (closed) to make room, so a flood of silent sockets cannot keep new clients out
+///   for longer than it takes the flood to outnumber them;
+/// * **connection caps**, total and per source IP, counted from accept until the stream (or
+///   whatever the upgrade made of it) is dropped; connections beyond a cap are closed at once;
+/// * **accept errors never end the loop**: errors that concern one connection are skipped, others
+///   (typically `EMFILE`, out of file descriptors) are reported and backed off from, doubling
+///   from [`ListenOptions::accept_backoff_min`] up to [`ListenOptions::accept_backoff_max`];
+/// * a **stale Unix socket** file is replaced only when nobody answers on it; a live one, or a
+///   file that is not a socket, is an error;
+/// * [`StreamListener::shutdown`] (or dropping the listener) stops accepting, aborts pending
+///   handshakes and removes the Unix socket file if it is still ours.
+///
 pub struct StreamListener<T = ByteStream> {
     rx: Option<mpsc::Receiver<Accepted<T>>>,
     task: Option<JoinHandle<()>>,
