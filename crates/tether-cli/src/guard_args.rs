@@ -1,8 +1,37 @@
 //! Parsers for `tether serve`'s guard flags (issue 17): `--session-binding` and the login
 //! throttles. Defaults and meaning are `tether::guard`'s.
 
+use clap::Args;
 use std::time::Duration;
 use tether::guard::{SessionBinding, Throttle};
+
+/// `tether serve`'s guard flags (see docs/threat-model.md).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct GuardFlags {
+    /// Tie login sessions to where they logged in: a restore from elsewhere gets code 11.
+    /// `off` (as @metarhia/jstp: the session id alone restores), `address` (the same source
+    /// IP) or `network:V4PREFIX/V6PREFIX`. See docs/threat-model.md.
+    #[arg(long, value_name = "off|address|network:V4/V6", default_value = "off", value_parser = parse_binding)]
+    pub(crate) session_binding: SessionBinding,
+    /// Failed logins allowed per source address (IPv6: per /64): BURST at once, then one per
+    /// MS milliseconds; `off` to disable.
+    #[arg(long, value_name = "BURST/MS|off", default_value = "20/1000", value_parser = parse_throttle)]
+    pub(crate) login_throttle_source: ThrottleFlag,
+    /// Failed logins allowed per user name, as --login-throttle-source.
+    #[arg(long, value_name = "BURST/MS|off", default_value = "10/5000", value_parser = parse_throttle)]
+    pub(crate) login_throttle_user: ThrottleFlag,
+    /// Most detached sessions (clients away) kept live in memory; past it the oldest live on
+    /// in the store only.
+    #[arg(long, value_name = "N", default_value_t = tether::guard::DEFAULT_MAX_DETACHED)]
+    pub(crate) max_detached: usize,
+    /// Most bytes of session state detached sessions keep in memory, as --max-detached.
+    #[arg(long, value_name = "BYTES", default_value_t = tether::guard::DEFAULT_MAX_DETACHED_BYTES)]
+    pub(crate) max_detached_bytes: usize,
+    /// Longest wait for one session-store call (milliseconds): past it a new session goes on
+    /// in memory and a restore that needs the store gets code 16.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub(crate) store_timeout: u64,
+}
 
 /// `off`, `address` (the same source address) or `network:V4PREFIX/V6PREFIX`.
 pub(crate) fn parse_binding(s: &str) -> Result<SessionBinding, String> {

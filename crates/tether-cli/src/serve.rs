@@ -82,29 +82,10 @@ pub(crate) struct ServeArgs {
     /// Largest message accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = tether_wire::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
-    /// Tie login sessions to where they logged in: a restore from elsewhere gets code 11.
-    /// `off` (as @metarhia/jstp: the session id alone restores), `address` (the same source
-    /// IP) or `network:V4PREFIX/V6PREFIX`. See docs/threat-model.md.
-    #[arg(long, value_name = "off|address|network:V4/V6", default_value = "off", value_parser = crate::guard_args::parse_binding)]
-    session_binding: tether::guard::SessionBinding,
-    /// Failed logins allowed per source address (IPv6: per /64): BURST at once, then one per
-    /// MS milliseconds; `off` to disable.
-    #[arg(long, value_name = "BURST/MS|off", default_value = "20/1000", value_parser = crate::guard_args::parse_throttle)]
-    login_throttle_source: crate::guard_args::ThrottleFlag,
-    /// Failed logins allowed per user name, as --login-throttle-source.
-    #[arg(long, value_name = "BURST/MS|off", default_value = "10/5000", value_parser = crate::guard_args::parse_throttle)]
-    login_throttle_user: crate::guard_args::ThrottleFlag,
-    /// Most detached sessions (clients away) kept live in memory; past it the oldest live on
-    /// in the store only.
-    #[arg(long, value_name = "N", default_value_t = tether::guard::DEFAULT_MAX_DETACHED)]
-    max_detached: usize,
-    /// Most bytes of session state detached sessions keep in memory, as --max-detached.
-    #[arg(long, value_name = "BYTES", default_value_t = tether::guard::DEFAULT_MAX_DETACHED_BYTES)]
-    max_detached_bytes: usize,
-    /// Longest wait for one session-store call (milliseconds): past it a new session goes on
-    /// in memory and a restore that needs the store gets code 16.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
-    store_timeout: u64,
+    /// Guards against hostile clients: session binding, login throttles, detached-session
+    /// caps, store timeout (boxed: the command enum stays small).
+    #[command(flatten)]
+    guards: Box<crate::guard_args::GuardFlags>,
     /// Operating flags: configuration file, logs, admin endpoint, drain (boxed: the command
     /// enum stays small).
     #[command(flatten)]
@@ -225,11 +206,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
         .session_store(store)
         .client_expiration_time(Duration::from_millis(args.client_expiration))
         .handshake_timeout(Duration::from_millis(args.handshake_timeout))
-        .session_binding(args.session_binding)
-        .login_throttle_per_source(args.login_throttle_source.0)
-        .login_throttle_per_user(args.login_throttle_user.0)
-        .detached_session_limits(args.max_detached, args.max_detached_bytes)
-        .store_timeout(Duration::from_millis(args.store_timeout))
+        .session_binding(args.guards.session_binding)
+        .login_throttle_per_source(args.guards.login_throttle_source.0)
+        .login_throttle_per_user(args.guards.login_throttle_user.0)
+        .detached_session_limits(args.guards.max_detached, args.guards.max_detached_bytes)
+        .store_timeout(Duration::from_millis(args.guards.store_timeout))
         .listener_options(listener);
     if let Some(ms) = args.heartbeat {
         if ms == 0 {
