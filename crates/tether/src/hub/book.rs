@@ -16,7 +16,7 @@
 //! ```
 //! # fn demo() -> Result<(), tether::hub::BookError> {
 //! use tether::hub::{BookState, PeerBook};
-//! use tether::Object;
+//! use tether_wire::Object;
 //!
 //! let dir = std::env::temp_dir().join(format!("book-doc-{}", std::process::id()));
 //! let path = dir.with_extension("redb");
