@@ -855,6 +855,13 @@ const SCENARIOS = {
     await call('doNothing', 'calculator', 'doNothing', [], expectResult([]));
     await call('sayHi', 'someService', 'sayHi', ['Rust'], expectResult(['Hi, Rust!']));
     await call('say', 'someService', 'say', ['hello'], expectResult(['hello']));
+    // A JS string may hold a lone surrogate; it must come back as the same UTF-16 code units
+    // (printed as numbers: JSON readers refuse a lone surrogate escape).
+    const units = s => Array.from({ length: s.length }, (_, i) => s.charCodeAt(i));
+    const lone = await run.call(c, 'someService', 'say', ['\ud800x']);
+    run.step('sayLoneSurrogate',
+      lone.ok ? { ok: true, result: lone.result.map(v => typeof v === 'string' ? units(v) : v) } : lone,
+      expectResult([[0xd800, 0x78]]));
     const nested = { list: [1, 'two', null, true], text: 'it\'s "quoted"', n: -1.5 };
     await call('method', 'someOtherService', 'method', [nested], expectResult([nested]));
     await call('otherMethod', 'someOtherService', 'otherMethod', [], expectResult([]));

@@ -23,14 +23,14 @@
 //!   and takes the last value, as JS assignment does. Keys stay in wire order.
 //!
 //! **Surrogates:** escaped UTF-16 surrogate pairs (`\ud83d\ude00`, in either `\u` form) are
-//! combined into one character. A Rust `String` cannot hold a lone surrogate, so an unpaired
-//! `\udXXX` escape becomes U+FFFD REPLACEMENT CHARACTER.
+//! combined into one character. A Rust `String` cannot hold a lone surrogate, so a string value
+//! with an unpaired `\udXXX` escape parses as [`Value::Utf16`] (its UTF-16 code units, as a JS
+//! string holds them), which serializes back to the same escape. In an object key, where the
+//! model has a `String`, an unpaired surrogate becomes U+FFFD REPLACEMENT CHARACTER.
 //!
 //! **Robustness:** the parser never panics, and arrays and objects may nest at most
 //! [`MAX_DEPTH`] levels deep, so hostile input cannot exhaust the stack.
 //!
-//! ```
-//! use tether_wire::{parse, Value};
 //! **Memory proportional to input:** the heap a parsed value holds (array and object slots
 //! with their spare capacity, keys, string bytes) is counted while it is built, against a
 //! budget of [`AMPLIFICATION`] × the input's length plus [`BUDGET_FLOOR`] ([`budget_for`]); the
@@ -46,6 +46,8 @@
 //! capacity included, while the array is open), many tiny nested arrays, objects with very
 //! short keys and values.
 //!
+//! ```
+//! use tether_wire::{parse, Value};
 //!
 //! let v = parse("{ok:[1,,'two',], /* note */ n:0x10}").unwrap();
 //! let o = v.as_object().unwrap();
@@ -97,10 +99,10 @@ pub struct ParseError {
     pub offset: usize,
     /// What was wrong.
     pub reason: String,
-}
-
     /// Which kind of error this is.
     pub kind: ParseErrorKind,
+}
+
 /// Parses exactly one value (surrounding whitespace and comments allowed), with the heap
 /// budget [`budget_for`] its length.
 ///
@@ -131,14 +133,12 @@ type Result<T, E = ParseError> = std::result::Result<T, E>;
 struct Parser<'a> {
     src: &'a str,
     pos: usize,
-}
-
     /// The heap budget this parse started with.
     budget: usize,
     /// What is left of it.
     left: usize,
-/// Above this many properties an object gets a hash index for its duplicate-key check.
-const LINEAR_KEY_SEARCH: usize = 16;
+}
+
 /// Heap one array slot holds.
 const SLOT: usize = std::mem::size_of::<Value>();
 /// Heap one object property slot holds (its key's bytes are counted apart).
@@ -148,14 +148,14 @@ const PROP_SLOT: usize = std::mem::size_of::<(String, Value)>();
 /// bucket count: at most 2 × 8/7 × 33 bytes, rounded up).
 const INDEX_ENTRY: usize = 80;
 
+/// Above this many properties an object gets a hash index for its duplicate-key check.
+const LINEAR_KEY_SEARCH: usize = 16;
 
 impl<'a> Parser<'a> {
     fn err(&self, offset: usize, reason: impl Into<String>) -> ParseError {
         ParseError {
             offset,
             reason: reason.into(),
-        }
-    }
             kind: ParseErrorKind::Syntax,
         }
     }
@@ -211,6 +211,8 @@ impl<'a> Parser<'a> {
             Value::String(s) => self.charge(s.capacity()),
             Value::Utf16(units) => self.charge(units.capacity().saturating_mul(2)),
             _ => Ok(()),
+        }
+    }
 
     /// An error naming whatever is at the current position.
     fn unexpected(&self, context: &str) -> ParseError {
@@ -272,7 +274,7 @@ impl<'a> Parser<'a> {
         match self.peek() {
             Some(b'{') => self.object(depth + 1),
             Some(b'[') => self.array(depth + 1),
-            Some(b'\'' | b'"') => self.string().map(Value::String),
+            Some(b'\'' | b'"') => self.string().map(Utf16Builder::into_value),
             Some(b'0'..=b'9' | b'+' | b'-' | b'.') => self.number().map(Value::Number),
             Some(b'a'..=b'z' | b'A'..=b'Z' | b'_' | b'$') => self.word(),
             _ => Err(self.unexpected("where a value was expected")),
@@ -301,9 +303,9 @@ impl<'a> Parser<'a> {
                 }
                 Some(b',') => {
                     // A hole.
+                    self.grow(&mut items, SLOT)?;
                     items.push(Value::Undefined);
                     self.pos += 1;
-                    self.grow(&mut items, SLOT)?;
                     continue;
                 }
                 None => return Err(self.err(open, "unterminated array")),
@@ -324,18 +326,18 @@ impl<'a> Parser<'a> {
                 _ => return Err(self.unexpected("where ',' or ']' was expected")),
             }
         }
+        self.shrink(&mut items, SLOT);
         Ok(Value::Array(items))
     }
-        self.shrink(&mut items, SLOT);
 
     fn object(&mut self, depth: usize) -> Result<Value> {
         self.check_depth(depth)?;
         let open = self.pos;
         self.pos += 1;
         let mut props = Props::default();
+        let mut index_cost = 0usize;
         loop {
             self.skip_clutter()?;
-        let mut index_cost = 0usize;
             match self.peek() {
                 Some(b'}') => {
                     self.pos += 1;
@@ -353,8 +355,6 @@ impl<'a> Parser<'a> {
             self.skip_clutter()?;
             let value = self.value(depth)?;
             if !matches!(value, Value::Undefined) {
-                props.insert(key, value);
-            }
                 self.charge_leaf(&value)?;
                 self.charge(key.capacity())?;
                 if props.items.len() >= LINEAR_KEY_SEARCH {
@@ -372,6 +372,8 @@ impl<'a> Parser<'a> {
                     index_cost += built;
                 }
                 self.grow(&mut props.items, PROP_SLOT)?;
+                props.insert(key, value);
+            }
             self.skip_clutter()?;
             match self.peek() {
                 Some(b',') => self.pos += 1,
@@ -392,7 +394,7 @@ impl<'a> Parser<'a> {
     /// An object key: identifier, string literal, or unsigned number literal.
     fn key(&mut self) -> Result<String> {
         match self.peek() {
-            Some(b'\'' | b'"') => self.string(),
+            Some(b'\'' | b'"') => self.string().map(Utf16Builder::into_lossy),
             Some(b'0'..=b'9' | b'.') => {
                 let n = self.number()?;
                 let mut key = String::new();
@@ -562,8 +564,8 @@ impl<'a> Parser<'a> {
             .map_err(|_| self.err(start, "malformed number"))
     }
 
-    /// A string literal at the current position; returns its value.
-    fn string(&mut self) -> Result<String> {
+    /// A string literal at the current position; returns its decoded text.
+    fn string(&mut self) -> Result<Utf16Builder> {
         let open = self.pos;
         let quote = self.src.as_bytes()[open];
         self.pos += 1;
@@ -577,7 +579,8 @@ impl<'a> Parser<'a> {
             out.push_str(&self.src[self.pos..self.pos + stop]);
             self.pos += stop + 1;
             if rest[stop] == quote {
-                return Ok(out.finish());
+                out.flush_high();
+                return Ok(out);
             }
             self.escape(open, &mut out)?;
         }
@@ -720,19 +723,27 @@ fn is_ident_continue(c: char) -> bool {
                     | '\u{fe20}'..='\u{fe2f}')))
 }
 
-/// Builds a string from text and UTF-16 code units, pairing surrogates and replacing lone ones
-/// with U+FFFD.
+/// Builds a string from text and UTF-16 code units, pairing surrogates and noting where lone
+/// ones fall (kept by [`Utf16Builder::into_value`], replaced with U+FFFD by
+/// [`Utf16Builder::into_lossy`]).
 #[derive(Default)]
 struct Utf16Builder {
     out: String,
     high: Option<u32>,
+    /// Unpaired surrogates: the byte offset in `out` each one precedes, and its code unit.
+    lone: Vec<(usize, u16)>,
 }
 
 impl Utf16Builder {
     fn flush_high(&mut self) {
-        if self.high.take().is_some() {
-            self.out.push(char::REPLACEMENT_CHARACTER);
+        if let Some(high) = self.high.take() {
+            self.push_lone(high);
         }
+    }
+
+    fn push_lone(&mut self, unit: u32) {
+        // Only surrogate code points (below 0x10000) get here.
+        self.lone.push((self.out.len(), unit as u16));
     }
 
     fn push_str(&mut self, s: &str) {
@@ -759,15 +770,42 @@ impl Utf16Builder {
                     self.out
                         .push(char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER));
                 }
-                None => self.out.push(char::REPLACEMENT_CHARACTER),
+                None => self.push_lone(code),
             },
             _ => self.push_char(char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)),
         }
     }
 
-    fn finish(mut self) -> String {
-        self.flush_high();
-        self.out
+    /// The value: a [`Value::String`], or [`Value::Utf16`] when a surrogate is unpaired.
+    fn into_value(self) -> Value {
+        if self.lone.is_empty() {
+            return Value::String(self.out);
+        }
+        let mut units = Vec::with_capacity(self.out.len() + self.lone.len());
+        let mut from = 0;
+        for (at, unit) in self.lone {
+            units.extend(self.out[from..at].encode_utf16());
+            units.push(unit);
+            from = at;
+        }
+        units.extend(self.out[from..].encode_utf16());
+        Value::Utf16(units)
+    }
+
+    /// The text, with U+FFFD for each unpaired surrogate.
+    fn into_lossy(self) -> String {
+        if self.lone.is_empty() {
+            return self.out;
+        }
+        let mut text = String::with_capacity(self.out.len() + 3 * self.lone.len());
+        let mut from = 0;
+        for (at, _) in self.lone {
+            text.push_str(&self.out[from..at]);
+            text.push(char::REPLACEMENT_CHARACTER);
+            from = at;
+        }
+        text.push_str(&self.out[from..]);
+        text
     }
 }
 
@@ -947,13 +985,26 @@ mod tests {
     fn surrogates() {
         assert_eq!(string(r"'\ud83d\ude00'"), "😀");
         assert_eq!(string(r"'\uD83D\u{DE00}'"), "😀");
-        assert_eq!(string(r"'\ud800'"), "\u{fffd}");
-        assert_eq!(string(r"'\ud800x'"), "\u{fffd}x");
-        assert_eq!(string(r"'\ud800\n'"), "\u{fffd}\n");
-        assert_eq!(string(r"'\ude00'"), "\u{fffd}");
-        assert_eq!(string(r"'\ude00\ud83d'"), "\u{fffd}\u{fffd}");
-        assert_eq!(string(r"'\ud83d\ud83d\ude00'"), "\u{fffd}😀");
-        assert_eq!(string(r"'\u{d800}'"), "\u{fffd}");
+        let units = |text: &str| match parse(text) {
+            Ok(Value::Utf16(u)) => u,
+            other => panic!("{text:?} gave {other:?}"),
+        };
+        assert_eq!(units(r"'\ud800'"), [0xd800]);
+        assert_eq!(units(r"'\ud800x'"), [0xd800, 0x78]);
+        assert_eq!(units(r"'\ud800\n'"), [0xd800, 0x0a]);
+        assert_eq!(units(r"'\ude00'"), [0xde00]);
+        assert_eq!(units(r"'\ude00\ud83d'"), [0xde00, 0xd83d]);
+        assert_eq!(units(r"'a\ud83d\ud83d\ude00é'"), [0x61, 0xd83d, 0xd83d, 0xde00, 0xe9]);
+        assert_eq!(units(r"'\u{d800}'"), [0xd800]);
+        // Keys have no UTF-16 form: the lone surrogate becomes U+FFFD there.
+        let obj = parse(r"{'k\ud800':1}").unwrap();
+        assert_eq!(obj.as_object().unwrap().get("k\u{fffd}"), Some(&Value::from(1)));
+        // The serializer writes each lone surrogate back as the escape it came from.
+        for text in [r"'\ud800x'", r"'\ude00\ud83d'", r"'é\ud800\n\'\udfff'"] {
+            let v = parse(text).unwrap();
+            assert_eq!(crate::ser::stringify(&v).unwrap(), text);
+            assert_eq!(parse(&crate::ser::stringify(&v).unwrap()).unwrap(), v);
+        }
     }
 
     #[test]

@@ -547,6 +547,8 @@ async fn their_client_against_our_server() {
             ("divide", json!([2])),
             ("doNothing", json!([])),
             ("sayHi", json!(["Hi, Rust!"])),
+            // '\ud800x' echoed as its UTF-16 code units, not U+FFFD.
+            ("sayLoneSurrogate", json!([[0xd800, 0x78]])),
             (
                 "inspectCalculator",
                 json!(["answer", "divide", "doNothing"]),
