@@ -51,7 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tether_wire::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 /// Most entries appended to the stream in one pipelined burst.
 pub const PUBLISH_BATCH: usize = 256;
@@ -234,6 +234,26 @@ struct Common {
     link: Link,
     deliver: OnceLock<Deliver>,
     attached: Notify,
+    /// Bumped on every change of the counters or the link, for [`Cluster::wait_until`].
+    changed: watch::Sender<u64>,
+}
+
+impl Common {
+    fn count(&self, counter: &AtomicU64, n: u64) -> u64 {
+        let total = counter.fetch_add(n, Ordering::Relaxed) + n;
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        total
+    }
+
+    fn down(&self, error: &redis::RedisError) {
+        self.link.down(&self.options.node_id, error);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn up(&self) {
+        self.link.up(&self.options.node_id);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
 }
 
 /// An event on its way to the stream.
@@ -297,6 +317,7 @@ impl Cluster {
             link: Link::default(),
             deliver: OnceLock::new(),
             attached: Notify::new(),
+            changed: watch::channel(0).0,
             options,
         });
         // Where reading starts: the stream's last entry now (nothing published before the
@@ -306,7 +327,7 @@ impl Cluster {
             Some(conn) => match tail(conn, &common.options.stream).await {
                 Ok(id) => Some(id),
                 Err(e) => {
-                    common.link.down(&common.options.node_id, &e);
+                    common.down(&e);
                     reader_conn = None;
                     None
                 }
@@ -352,6 +373,21 @@ impl Cluster {
         }
     }
 
+    /// Waits until the node's counters satisfy `done` (for example, until
+    /// [`ClusterStats::connected`], or until everything queued was published) and returns
+    /// them.
+    pub async fn wait_until(&self, done: impl Fn(&ClusterStats) -> bool) -> ClusterStats {
+        let mut changes = self.handle.common.changed.subscribe();
+        loop {
+            let stats = self.stats();
+            if done(&stats) {
+                return stats;
+            }
+            // The sender lives as long as this handle, so this cannot end early.
+            let _ = changes.changed().await;
+        }
+    }
+
     /// Sets where events from other nodes go (the server, once built). Only the first call
     /// counts.
     pub(crate) fn attach(&self, deliver: Deliver) {
@@ -376,7 +412,7 @@ impl Cluster {
         };
         if let Err(mpsc::error::TrySendError::Full(out)) = p.tx.try_send(out) {
             let common = &self.handle.common;
-            let dropped = common.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let dropped = common.count(&common.counters.dropped, 1);
             if common.link.outbox_log.allow() {
                 tracing::warn!(
                     node = %common.options.node_id,
@@ -487,7 +523,7 @@ async fn connect(
     {
         Ok(c) => Some(c),
         Err(e) => {
-            common.link.down(&common.options.node_id, &e);
+            common.down(&e);
             None
         }
     }
@@ -558,18 +594,15 @@ async fn publish_loop(
             }
             match pipe.query_async::<()>(c).await {
                 Ok(()) => {
-                    common.link.up(&o.node_id);
-                    common
-                        .counters
-                        .published
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    common.up();
+                    common.count(&common.counters.published, batch.len() as u64);
                     backoff.reset();
                     break;
                 }
                 Err(e) => {
                     // Some of the burst may be in the stream already; readers skip those
                     // by sequence number when it is sent again.
-                    common.link.down(&o.node_id, &e);
+                    common.down(&e);
                     conn = None;
                     backoff.wait().await;
                 }
@@ -623,7 +656,7 @@ async fn read_loop(
                     id
                 }
                 Err(e) => {
-                    common.link.down(&o.node_id, &e);
+                    common.down(&e);
                     conn = None;
                     backoff.wait().await;
                     continue;
@@ -658,25 +691,25 @@ async fn read_loop(
         let reply = match reply {
             Ok(v) => v,
             Err(e) => {
-                common.link.down(&o.node_id, &e);
+                common.down(&e);
                 conn = None;
                 recovering = true;
                 backoff.wait().await;
                 continue;
             }
         };
-        common.link.up(&o.node_id);
+        common.up();
         backoff.reset();
         let entries = stream_entries(&reply);
         let n = entries.len();
         for entry in entries {
             let Some((id, fields)) = entry else {
-                common.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                common.count(&common.counters.malformed, 1);
                 continue;
             };
             last = Some(id.clone());
             let Some(ev) = Incoming::decode(&fields) else {
-                common.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                common.count(&common.counters.malformed, 1);
                 tracing::warn!(node = %o.node_id, entry = %id, "cluster entry malformed, skipped");
                 continue;
             };
@@ -688,13 +721,13 @@ async fn read_loop(
             match seen {
                 Some(origin) if ev.seq <= origin.seq => {
                     origin.touched = touched;
-                    common.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    common.count(&common.counters.duplicates, 1);
                     continue;
                 }
                 Some(origin) => {
                     if ev.seq > origin.seq + 1 {
                         let missed = ev.seq - origin.seq - 1;
-                        common.counters.missed.fetch_add(missed, Ordering::Relaxed);
+                        common.count(&common.counters.missed, missed);
                         tracing::warn!(
                             node = %o.node_id,
                             from_node = %ev.node,
@@ -727,7 +760,7 @@ async fn read_loop(
                 }
             }
             deliver(&ev.iface, &ev.event, ev.args).await;
-            common.counters.delivered.fetch_add(1, Ordering::Relaxed);
+            common.count(&common.counters.delivered, 1);
             caught += 1;
         }
         if catching_up && n < READ_COUNT {
