@@ -53,6 +53,11 @@ pub enum Error {
     /// Invalid configuration or arguments.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A typed call, emit or event did not convert between Rust and JSTP values (see
+    /// [`crate::typed`]); the [`TypedError`](crate::TypedError) says which argument, event or
+    /// result, and why.
+    #[error(transparent)]
+    Typed(Box<crate::typed::TypedError>),
     /// The peer does not keep up with what is sent to it (see
     /// [`crate::ConnectionConfig::session`]): a peer that leaves a confirmation ping
     /// unanswered is detached (its session resends on restore); one whose unconfirmed backlog

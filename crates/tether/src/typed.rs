@@ -85,16 +85,13 @@ impl TypedError {
     }
 }
 
-/// For callers whose errors are [`Error`]: a conversion failure on our side becomes
-/// [`Error::InvalidArgument`], an unexpected result [`Error::Protocol`].
+/// For callers whose errors are [`Error`]: a failed call is its own error, a conversion
+/// failure (or a lagging event stream) is [`Error::Typed`], kept whole.
 impl From<TypedError> for Error {
     fn from(e: TypedError) -> Self {
         match e {
             TypedError::Call(e) => e,
-            TypedError::Arguments(_) => Error::InvalidArgument(e.to_string()),
-            TypedError::Result(_) | TypedError::EventArguments(_) | TypedError::Lagged(_) => {
-                Error::Protocol(e.to_string())
-            }
+            other => Error::Typed(Box::new(other)),
         }
     }
 }

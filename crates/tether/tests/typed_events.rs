@@ -298,3 +298,41 @@ async fn typed_streams_from_their_server() {
     assert_eq!(got, sent);
     conn.close().await;
 }
+
+/// As a `tether::Error`, a conversion failure stays typed (`Error::Typed`, with its kind and
+/// the argument it was in) and a failed call stays the call's own error.
+#[tokio::test]
+async fn conversion_failures_keep_their_kind_as_tether_errors() {
+    let (server, _typing) = server();
+    let conn = client(&server).await;
+    let e: tether::Error = within(
+        LIMIT,
+        "room.add(1, NaN)",
+        conn.call_typed::<f64>("room", "add", (1.0, f64::NAN)),
+    )
+    .await
+    .unwrap_err()
+    .into();
+    let tether::Error::Typed(typed) = &e else {
+        panic!("expected Error::Typed, got {e:?}");
+    };
+    let TypedError::Arguments(cause) = &**typed else {
+        panic!("expected Arguments, got {typed:?}");
+    };
+    assert!(
+        matches!(cause.kind(), tether_wire::ValueErrorKind::NonFinite(_)),
+        "{cause:?}"
+    );
+    assert!(e.to_string().contains("argument 1"), "{e}");
+    let e: tether::Error = within(
+        LIMIT,
+        "room.nope()",
+        conn.call_typed::<f64>("room", "nope", ()),
+    )
+    .await
+    .unwrap_err()
+    .into();
+    assert_eq!(e.code(), Some(14), "{e:?}");
+    conn.close().await;
+    server.shutdown().await;
+}
