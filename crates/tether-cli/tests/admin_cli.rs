@@ -444,3 +444,79 @@ async fn sigterm_drains_and_the_next_node_restores_the_session() {
     );
     conn.close().await;
 }
+
+/// The same graceful restart with a real `@metarhia/jstp` client and a Redis store: the
+/// drained node's transport close makes jstp reconnect; the next node restores the session
+/// from Redis, answers the call the client made while no node was up, and its broadcast
+/// reaches the client.
+#[test]
+fn sigterm_drain_with_a_metarhia_jstp_client_and_redis() {
+    let (_redis, url) = common::redis();
+    let port = common::free_port().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["--tcp", &addr, "--store", &url];
+    let mut first = spawn_serve(&args, false);
+    assert_eq!(first.first["ready"], true, "{}", first.first);
+
+    let mut client = Proc(
+        Command::new("node")
+            .arg(interop_dir().join("admin-page.drain.mjs"))
+            .arg(&port)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node is installed"),
+    );
+    let mut out = client.stdout_lines("admin-page.drain.mjs");
+    let connected = out.json("the jstp client's first answer");
+    assert_eq!(connected["step"], "connected", "{connected}");
+    let session = connected["session"].as_str().unwrap().to_owned();
+
+    let pid = first.proc.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = common::wait_within(&mut first.proc.0, DEADLINE, "the drained node");
+    assert!(status.success(), "{status:?}");
+
+    let mut stdin = client.0.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    let queued = out.json("the queued call");
+    assert_eq!(queued["step"], "queued", "{queued}");
+
+    let second = spawn_serve(&args, false);
+    assert_eq!(second.first["ready"], true, "{}", second.first);
+    let _second = second.proc;
+    let mut steps = Vec::new();
+    loop {
+        let line = out.json("the restore");
+        assert!(
+            line.get("error").is_none() || line["step"].is_string(),
+            "{line}"
+        );
+        let done = line["step"] == "done";
+        steps.push(line);
+        if done {
+            break;
+        }
+    }
+    let step = |name: &str| {
+        steps
+            .iter()
+            .find(|l| l["step"] == name)
+            .unwrap_or_else(|| panic!("no {name} step: {steps:#?}"))
+            .clone()
+    };
+    assert_eq!(step("reconnected")["error"], Json::Null, "{steps:#?}");
+    assert_eq!(step("call")["ok"], true, "{steps:#?}");
+    step("event");
+    assert_eq!(
+        step("done")["session"],
+        session.as_str(),
+        "the same session"
+    );
+    drop(stdin);
+}
