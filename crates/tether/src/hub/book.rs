@@ -301,6 +301,11 @@ impl PeerBook {
         self.rows().len()
     }
 
+    /// `true` when the book is kept in a file (its writes block on the disk).
+    pub fn is_persistent(&self) -> bool {
+        self.inner.db.is_some()
+    }
+
     /// `true` when the book holds no peer.
     pub fn is_empty(&self) -> bool {
         self.rows().is_empty()

@@ -282,10 +282,18 @@ impl Hub {
         // Into the book first (out of staging, if it was there), so a restart keeps it.
         let booked = self.inner.book.get(address);
         if booked.is_none_or(|b| b.state != BookState::Kept || b.data != data) {
-            self.inner
-                .book
-                .put(address, BookState::Kept, data.clone())
-                .map_err(|e| HubError::Book(Arc::new(e)))?;
+            let book = self.inner.book.clone();
+            let (addr, d) = (address.to_owned(), data.clone());
+            let put = move || book.put(&addr, BookState::Kept, d);
+            // A file commit waits for an fsync: off the runtime's threads.
+            let written = if self.inner.book.is_persistent() {
+                tokio::task::spawn_blocking(put)
+                    .await
+                    .map_err(|_| HubError::Aborted)?
+            } else {
+                put()
+            };
+            written.map_err(|e| HubError::Book(Arc::new(e)))?;
         }
         let dial = {
             let mut state = self.open_state()?;
