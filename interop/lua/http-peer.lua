@@ -12,6 +12,10 @@
 --   https:// the server certificate is not verified), and
 --   prints one JSON line per response: {"status":S,"version":V,"body":B,"peer":P}.
 --   Fatal errors print {"fatal":MESSAGE} and exit 1.
+--
+-- GET  lua5.3 http-peer.lua get URL VERSION
+--   One GET of URL with HTTP VERSION (1.1 or 2; https:// unverified, as above); prints
+--   {"status":S,"version":V,"body":B,"type":CONTENT_TYPE}.
 
 local http_server = require "http.server"
 local http_headers = require "http.headers"
@@ -100,7 +104,26 @@ elseif mode == "client" then
       json_string(headers:get("x-peer") or "")))
     io.stdout:flush()
   end
+elseif mode == "get" then
+  local url, version = arg[2], tonumber(arg[3] or "1.1")
+  local req = http_request.new_from_uri(url)
+  req.version = version
+  if url:match("^https:") then
+    local ctx = require "http.tls".new_client_context()
+    ctx:setVerify(require "openssl.ssl.context".VERIFY_NONE)
+    req.ctx = ctx
+  end
+  local headers, stream = req:go(10)
+  if not headers then
+    io.stdout:write('{"fatal":' .. json_string(stream) .. '}\n')
+    os.exit(1)
+  end
+  local body = assert(stream:get_body_as_string())
+  io.stdout:write(string.format('{"status":%s,"version":%s,"body":%s,"type":%s}\n',
+    headers:get(":status"), json_string(stream.connection.version), json_string(body),
+    json_string(headers:get("content-type") or "")))
+  io.stdout:flush()
 else
-  io.stderr:write("usage: lua5.3 http-peer.lua server [CERT KEY [ALPN]] | client URL VERSION COUNT\n")
+  io.stderr:write("usage: lua5.3 http-peer.lua server [CERT KEY [ALPN]] | client URL VERSION COUNT | get URL VERSION\n")
   os.exit(2)
 end

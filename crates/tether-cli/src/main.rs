@@ -7,6 +7,7 @@ mod conductor;
 mod guard_args;
 mod config;
 mod hub;
+mod http;
 mod json;
 mod load;
 mod logging;
@@ -73,6 +74,8 @@ enum Command {
     Hub(hub::HubArgs),
     /// Talk to a Holochain conductor-protocol server: `call` a request, or print `signals`.
     Conductor(conductor::ConductorArgs),
+    /// HTTP/1.1 and HTTP/2 from the command line: `get`/`post` a URL, or `serve` a directory.
+    Http(http::HttpArgs),
 }
 
 /// Where and how a client command connects.
@@ -226,6 +229,7 @@ async fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Bench(args) => bench::run(args).await.map_err(Failure::Runtime),
         Command::Conductor(args) => conductor::run(args).await,
+        Command::Http(args) => http::run(args).await,
         Command::Hub(args) => {
             let stop = StopSignals::install()
                 .map_err(|e| Failure::Runtime(Error::Transport(tether::TransportError::Io(e))))?;
