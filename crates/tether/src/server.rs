@@ -642,6 +642,9 @@ async fn restore_decision(
             if session.role() == tether_wire::session::Role::Server
                 && crate::guard::secrets_equal(session.id(), &id) =>
         {
+            let Some(session) = past_what_the_peer_saw(session, peer_received) else {
+                return Err(unknown());
+            };
             if let Some(origin) = origin {
                 lock(&inner.guard.origins).insert(id, origin.to_owned());
             }
@@ -657,6 +660,26 @@ async fn restore_decision(
             Err(unknown())
         }
     }
+}
+
+/// A stored session older than what its client saw (this process, or another sharing the
+/// store, died after sending more than it last wrote: a `kill -9`): its message ids move past
+/// the client's received count, so no id the client already saw is used again, and its buffer
+/// goes, since the client confirmed everything up to that count. `None` when the count is
+/// beyond any id a session can reach (2^53).
+fn past_what_the_peer_saw(session: Session, peer_received: u64) -> Option<Session> {
+    if peer_received <= session.latest_message_id().unsigned_abs() {
+        return Some(session);
+    }
+    let config = session.config();
+    let mut state = session.into_state();
+    state.latest_message_id = state
+        .role
+        .delta()
+        .checked_mul(i64::try_from(peer_received).ok()?)?;
+    state.acknowledged_count = peer_received;
+    state.buffer.clear();
+    Session::from_state(state, config).ok()
 }
 
 async fn authenticate(
