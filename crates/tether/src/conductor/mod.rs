@@ -35,7 +35,7 @@ pub use client::{
     MessageKind,
 };
 pub use server::{
-    example_cell_id, ConductorServer, ConductorServerBuilder, ConductorServerEvent,
+    example_cell_id, ConductorServer, ConductorServerBuilder, ConductorServerEvent, InputError,
     AUTHENTICATION_TIMEOUT,
 };
 pub use tether_wire::conductor::{CellId, Dialect, Value};

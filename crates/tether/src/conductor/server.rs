@@ -2,6 +2,7 @@
 //! each request's dialect, and can act as an app interface (tokens, origins).
 
 use super::{ws_config, CellId, ConductorError, Dialect, Value};
+use crate::transport::{ByteStream, ListenOptions, StreamEndpoint, StreamListener};
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -9,16 +10,18 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tether_wire::conductor::{authenticate_token, to_bytes, Envelope, Payload, WireMessage};
-use crate::transport::{ByteStream, ListenOptions, StreamEndpoint, StreamListener};
+use tether_wire::conductor::{
+    authenticate_token, to_bytes, Envelope, Payload, WireError, WireMessage,
+};
+use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, Request as HandshakeRequest, Response as HandshakeResponse,
 };
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::WebSocketStream;
 
 type Handler =
     Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, (String, String)>> + Send + Sync>;
@@ -140,6 +143,31 @@ impl ConductorServerBuilder {
     }
 }
 
+/// What was wrong with a client's input ([`ConductorServerEvent::BadInput`]).
+#[derive(Debug, Clone, Error)]
+#[non_exhaustive]
+pub enum InputError {
+    /// A frame that is not a valid envelope, or an `authenticate` payload that is not
+    /// `{token: [u8…]}`.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A kind of message clients do not send (a response or a signal).
+    #[error("unexpected {0} from a client")]
+    Unexpected(&'static str),
+    /// On an app interface, a first message other than `authenticate`.
+    #[error("{0} before authenticate")]
+    BeforeAuthenticate(&'static str),
+    /// An `authenticate` with a token the interface does not know.
+    #[error("invalid token")]
+    InvalidToken,
+    /// No `authenticate` within the authentication timeout.
+    #[error("no authenticate within {0:?}")]
+    AuthenticationTimeout(Duration),
+    /// The WebSocket failed: a protocol violation, a message over the size limit, a reset.
+    #[error("websocket: {0}")]
+    WebSocket(#[source] Arc<tungstenite::Error>),
+}
+
 /// What happens on a [`ConductorServer`].
 #[derive(Debug, Clone)]
 pub enum ConductorServerEvent {
@@ -151,7 +179,7 @@ pub enum ConductorServerEvent {
         /// The client.
         client: u64,
         /// What was wrong.
-        error: String,
+        error: InputError,
         /// Whether the connection was closed for it.
         closed: bool,
     },
@@ -350,7 +378,7 @@ impl ConductorServer {
         let _open = crate::metrics::ConductorConnectionGuard::new();
         let id = self.inner.next_client.fetch_add(1, Ordering::Relaxed);
         let (mut sink, mut incoming) = ws.split();
-        let bad = |error: String, closed: bool| {
+        let bad = |error: InputError, closed: bool| {
             let _ = self.inner.events.send(ConductorServerEvent::BadInput {
                 client: id,
                 error,
@@ -365,28 +393,25 @@ impl ConductorServer {
                         Some(Ok(WsMessage::Text(t))) => return Ok(t.as_bytes().to_vec()),
                         Some(Ok(WsMessage::Close(_))) | None => return Err(None),
                         Some(Ok(_)) => continue,
-                        Some(Err(e)) => return Err(Some(e.to_string())),
+                        Some(Err(e)) => return Err(Some(InputError::WebSocket(Arc::new(e)))),
                     }
                 }
             })
             .await;
             let refused = match first {
-                Err(_) => Some(format!(
-                    "no authenticate within {:?}",
-                    self.inner.authentication_timeout
+                Err(_) => Some(InputError::AuthenticationTimeout(
+                    self.inner.authentication_timeout,
                 )),
                 Ok(Err(None)) => return,
                 Ok(Err(Some(e))) => Some(e),
                 Ok(Ok(bytes)) => match Envelope::decode(&bytes) {
                     Ok(Envelope::Authenticate { data }) => match authenticate_token(&data) {
                         Ok(token) if tokens.contains(&token) => None,
-                        Ok(_) => Some("invalid token".into()),
-                        Err(e) => Some(e.to_string()),
+                        Ok(_) => Some(InputError::InvalidToken),
+                        Err(e) => Some(e.into()),
                     },
-                    Ok(Envelope::Message(m)) => {
-                        Some(format!("{} before authenticate", kind_of(&m)))
-                    }
-                    Err(e) => Some(e.to_string()),
+                    Ok(Envelope::Message(m)) => Some(InputError::BeforeAuthenticate(kind_of(&m))),
+                    Err(e) => Some(e.into()),
                 },
             };
             if let Some(error) = refused {
@@ -428,8 +453,9 @@ impl ConductorServer {
                     }
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
-                        bad(e.to_string(), true);
-                        if let tungstenite::Error::Capacity(_) = e {
+                        let too_big = matches!(e, tungstenite::Error::Capacity(_));
+                        bad(InputError::WebSocket(Arc::new(e)), true);
+                        if too_big {
                             let frame = CloseFrame {
                                 code: CloseCode::Size,
                                 reason: "message too big".into(),
@@ -447,12 +473,9 @@ impl ConductorServer {
                 // Only the first message may authenticate; later ones (or any on an interface
                 // without tokens, like an admin interface) are ignored.
                 Ok(Envelope::Authenticate { .. }) => {}
-                Ok(Envelope::Message(other)) => bad(
-                    format!("unexpected {} from a client", kind_of(&other)),
-                    false,
-                ),
+                Ok(Envelope::Message(other)) => bad(InputError::Unexpected(kind_of(&other)), false),
                 // As a conductor: skip what does not decode, keep the connection.
-                Err(e) => bad(e.to_string(), false),
+                Err(e) => bad(e.into(), false),
             }
         }
         lock(&self.inner.clients).remove(&id);
