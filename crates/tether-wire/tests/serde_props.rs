@@ -288,3 +288,31 @@ fn enums_are_externally_tagged() {
         "['Empty',{Circle:2.5},{Rect:[1,2]},{Labelled:{name:'t',sides:3}}]"
     );
 }
+
+/// A `Value` holding strings with lone UTF-16 surrogates goes through `to_value`/`from_value`
+/// and argument lists exactly (so typed methods taking or returning `Value` echo what a Node
+/// peer sent), while a `String` refuses such a string instead of replacing its surrogates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Holder {
+    raw: Value,
+    list: Vec<Value>,
+}
+
+proptest! {
+    #[test]
+    fn lone_surrogates_survive_values_inside_user_types(
+        units in prop::collection::vec(prop_oneof![Just(0xd800u16), Just(0xdfffu16), 0x20u16..0x7f], 0..12),
+    ) {
+        let s = Value::from_utf16(&units);
+        let holder = Holder { raw: s.clone(), list: vec![s.clone(), Value::from(1)] };
+        let v = to_value(&holder).unwrap();
+        let back: Holder = from_value(v.clone()).unwrap();
+        prop_assert_eq!(&back, &holder);
+        // And through the wire text.
+        let back: Holder = from_value(parse(&v.to_mdsf()).unwrap()).unwrap();
+        prop_assert_eq!(&back, &holder);
+        let args: (Value,) = from_args(to_args(&(&s,)).unwrap()).unwrap();
+        prop_assert_eq!(&args.0, &s);
+        prop_assert_eq!(from_value::<String>(s.clone()).is_ok(), matches!(s, Value::String(_)));
+    }
+}
