@@ -22,6 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 
 /// Kinds of envelope [`ConductorConnection::send`] can send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MessageKind {
     /// A request (needs an id; its response is not awaited by `send`).
     Request,

@@ -170,6 +170,7 @@ pub enum InputError {
 
 /// What happens on a [`ConductorServer`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum ConductorServerEvent {
     /// A client connected (and authenticated, when the interface requires it).
     Connected(u64),
