@@ -4,13 +4,13 @@
 
 use super::{header_map, HttpError};
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::HeaderMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 
 /// How many bytes a [`BodyReader`] holds in memory by default (whole-body reads, `unget`,
 /// and what `get_body_chars`/`get_body_until` gather): 64 MiB.
@@ -405,19 +405,24 @@ macro_rules! body_write_methods {
 pub(crate) use body_read_methods;
 pub(crate) use body_write_methods;
 
-/// The body a stream sends: none, or frames from a bounded channel ([`WRITE_QUEUE`]).
-/// Dropped before its end (the stream was reset, the connection closed), it cancels the
-/// server handler that feeds it.
+/// The body a stream sends: none, one buffer known up front, or frames from a bounded channel
+/// ([`WRITE_QUEUE`]). On the server it also drives the rest of the handler that feeds it, so
+/// dropping it before its end (the stream was reset, the connection closed) cancels that
+/// handler.
 pub(crate) struct OutBody {
+    /// A whole body known when the head went out (sent with an exact length).
+    whole: Option<Bytes>,
     rx: Option<mpsc::Receiver<Frame<Bytes>>>,
-    cancel: Option<AbortHandle>,
+    /// The handler still writing this body.
+    task: Option<BoxFuture<'static, ()>>,
 }
 
 impl OutBody {
     pub(crate) fn empty() -> Self {
         OutBody {
+            whole: None,
             rx: None,
-            cancel: None,
+            task: None,
         }
     }
 
@@ -427,25 +432,48 @@ impl OutBody {
         (
             Outgoing(Some(tx)),
             OutBody {
+                whole: None,
                 rx: Some(rx),
-                cancel: None,
+                task: None,
             },
         )
     }
 
-    /// Aborts `task` if the body is dropped before its end.
-    pub(crate) fn cancels(&mut self, task: AbortHandle) {
-        if self.rx.is_some() {
-            self.cancel = Some(task);
+    /// Whether nothing more will be sent.
+    pub(crate) fn is_done(&self) -> bool {
+        self.whole.is_none() && self.rx.is_none()
+    }
+
+    /// If the writer already ended the body with at most one chunk, holds it as a whole body,
+    /// so it goes out with its length (one frame with END_STREAM on HTTP/2, no chunked coding
+    /// on HTTP/1.1).
+    pub(crate) fn settle(&mut self) {
+        let Some(rx) = self.rx.as_mut() else {
+            return;
+        };
+        if !rx.is_closed() || rx.len() > 1 {
+            return;
+        }
+        match rx.try_recv() {
+            Err(_) => self.rx = None,
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => {
+                    self.whole = Some(data);
+                    self.rx = None;
+                }
+                // Trailers: put back as the only frame of a channel of their own.
+                Err(frame) => {
+                    let (tx, rx) = mpsc::channel(1);
+                    let _ = tx.try_send(frame);
+                    self.rx = Some(rx);
+                }
+            },
         }
     }
-}
 
-impl Drop for OutBody {
-    fn drop(&mut self) {
-        if let Some(task) = self.cancel.take() {
-            task.abort();
-        }
+    /// Polls `task` whenever the body is polled, until it ends; dropped with the body.
+    pub(crate) fn drive(&mut self, task: BoxFuture<'static, ()>) {
+        self.task = Some(task);
     }
 }
 
@@ -457,15 +485,26 @@ impl Body for OutBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(task) = self.task.as_mut() {
+            if task.as_mut().poll(cx).is_ready() {
+                self.task = None;
+            }
+        }
+        if let Some(data) = self.whole.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         let Some(rx) = self.rx.as_mut() else {
             return Poll::Ready(None);
         };
         match rx.poll_recv(cx) {
             Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(None) => {
-                // The writer ended the body: the handler is no longer tied to it.
                 self.rx = None;
-                self.cancel = None;
+                // The body is complete; a handler still running after it is no longer tied
+                // to the stream and finishes on its own.
+                if let Some(task) = self.task.take() {
+                    tokio::spawn(task);
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -473,14 +512,14 @@ impl Body for OutBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rx.is_none()
+        self.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.rx.is_none() {
-            SizeHint::with_exact(0)
-        } else {
-            SizeHint::default()
+        match (&self.whole, &self.rx) {
+            (Some(data), None) => SizeHint::with_exact(data.len() as u64),
+            (None, None) => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
         }
     }
 }

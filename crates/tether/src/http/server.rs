@@ -5,12 +5,13 @@
 use super::body::{body_read_methods, body_write_methods, HasBody, OutBody, Outgoing};
 use super::{header_map, within, BodyReader, HttpError, HttpVersion, RequestHead, Role};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -100,7 +101,12 @@ impl ServerOptions {
 /// One server-side connection's state, shared by its streams.
 struct ConnState {
     /// Requests in progress (from their head until their handler ends).
-    active: watch::Sender<usize>,
+    active: AtomicUsize,
+    /// When the connection started; `last_change` counts from it.
+    started: Instant,
+    /// When a request last started or ended, in ms since `started`. Read only when the idle
+    /// deadline passes, so requests never wake the connection's task.
+    last_change: AtomicU64,
     /// A request head has arrived: the connection is set up.
     seen_request: AtomicBool,
     /// Asks the connection to shut down gracefully (GOAWAY on demand).
@@ -112,16 +118,34 @@ struct ConnState {
 /// Counts one request as in progress on its connection until dropped.
 struct Active(Arc<ConnState>);
 
+impl ConnState {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_change.store(ms, Ordering::SeqCst);
+    }
+
+    /// How long no request has been running; `None` while one is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_change.load(Ordering::SeqCst));
+        Some(self.started.elapsed().saturating_sub(last))
+    }
+}
+
 impl Active {
     fn new(conn: &Arc<ConnState>) -> Self {
-        conn.active.send_modify(|n| *n += 1);
+        conn.active.fetch_add(1, Ordering::SeqCst);
+        conn.touch();
         Active(conn.clone())
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.send_modify(|n| *n -= 1);
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -550,7 +574,9 @@ impl HttpServer {
         }
         let _counted = Counted(self.shared.clone());
         let conn_state = Arc::new(ConnState {
-            active: watch::channel(0).0,
+            active: AtomicUsize::new(0),
+            started: Instant::now(),
+            last_change: AtomicU64::new(0),
             seen_request: AtomicBool::new(false),
             goaway: Notify::new(),
             permits: Arc::new(Semaphore::new(options.max_streams_per_connection.max(1))),
@@ -578,12 +604,12 @@ impl HttpServer {
         let mut conn =
             pin!(builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service));
         let mut stop = self.shared.stop.subscribe();
-        let mut active = conn_state.active.subscribe();
         let mut draining = false;
-        // Until the first request: the setup deadline; then, whenever no request is in
-        // progress, the idle deadline; after a graceful shutdown started, a last deadline for
-        // the peer to finish.
-        let mut deadline = Some(setup_deadline);
+        // First the setup deadline; when it passes with a request seen, the idle deadline,
+        // re-checked each time it passes (requests only touch atomics, they never wake this
+        // task); after a graceful shutdown started, a last deadline for the peer to finish.
+        let idle = options.idle_timeout;
+        let mut deadline = Some(setup_deadline.min(Instant::now() + idle));
         loop {
             let sleep = async {
                 match deadline {
@@ -611,23 +637,27 @@ impl HttpServer {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                _ = active.changed(), if !draining => {
-                    if conn_state.seen_request.load(Ordering::SeqCst) {
-                        deadline = (*active.borrow_and_update() == 0)
-                            .then(|| Instant::now() + options.idle_timeout);
-                    }
-                }
                 _ = sleep => {
                     if draining {
                         return; // The peer did not finish in time: closed.
                     }
                     if !conn_state.seen_request.load(Ordering::SeqCst) {
+                        if Instant::now() < setup_deadline {
+                            deadline = Some(setup_deadline.min(Instant::now() + idle));
+                            continue;
+                        }
                         self.error(HttpError::Timeout(options.connection_setup_timeout));
                         return; // Dropping the connection closes it.
                     }
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                    deadline = Some(Instant::now() + options.connection_setup_timeout);
+                    deadline = match conn_state.idle_for() {
+                        Some(for_) if for_ >= idle => {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                            Some(Instant::now() + options.connection_setup_timeout)
+                        }
+                        Some(for_) => Some(Instant::now() + (idle - for_)),
+                        None => Some(Instant::now() + idle),
+                    };
                 }
             }
         }
@@ -682,33 +712,49 @@ impl HttpServer {
         let server = self.clone();
         self.shared.running.fetch_add(1, Ordering::SeqCst);
         let running = Running(self.shared.clone());
-        let task = tokio::spawn(async move {
+        let task = async move {
             // Held until the handler ends, or is cancelled: its slots and its count.
             let _slots: (OwnedSemaphorePermit, OwnedSemaphorePermit, Active, Running) =
                 (own, global, active, running);
-            if let Err(e) = handler(stream).await {
-                server.error(e);
+            // A panicking handler fails its own stream only (as if it were a task).
+            match std::panic::AssertUnwindSafe(handler(stream))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => server.error(e),
+                Err(_) => server.error(HttpError::State("the handler panicked")),
             }
-        });
-        // Until the head is answered, dropping this future (stream reset, connection closed)
-        // cancels the handler; afterwards the response body does.
-        struct AbortOnDrop(Option<tokio::task::AbortHandle>);
-        impl Drop for AbortOnDrop {
-            fn drop(&mut self) {
-                if let Some(task) = self.0.take() {
-                    task.abort();
+        };
+        // The handler runs inside this request's future until it has answered (no task of its
+        // own: dropping the future, on a reset stream or a closed connection, cancels it);
+        // then inside the response body, which cancels it when dropped before its end.
+        let mut task: Option<BoxFuture<'static, ()>> = Some(Box::pin(task));
+        let mut rx = rx;
+        let answered = std::future::poll_fn(|cx| {
+            if let Some(t) = task.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    task = None;
                 }
             }
-        }
-        let mut guard = AbortOnDrop(Some(task.abort_handle()));
-        match rx.await {
+            std::pin::Pin::new(&mut rx).poll(cx)
+        })
+        .await;
+        match answered {
             Ok(mut response) => {
-                if let Some(task) = guard.0.take() {
-                    response.body_mut().cancels(task);
+                let body = response.body_mut();
+                body.settle();
+                if let Some(task) = task {
+                    if body.is_done() {
+                        // Nothing more to send: the rest of the handler runs on its own.
+                        tokio::spawn(task);
+                    } else {
+                        body.drive(task);
+                    }
                 }
                 response
             }
-            // The handler was cancelled or panicked before answering.
+            // The stream is dropped without answering only if the handler panicked.
             Err(_) => status_only(500),
         }
     }
