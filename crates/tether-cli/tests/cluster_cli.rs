@@ -311,3 +311,23 @@ fn the_node_jstp_client_listens_on_one_node_to_a_chat_sent_on_another() {
     assert_eq!(texts, [json!([null, "via-b"]), json!([null, "end-b"])]);
     let _: &Json = &handshake;
 }
+
+#[test]
+fn a_node_is_named_by_host_and_pid_unless_told_and_bad_cluster_flags_are_usage_errors() {
+    let (_redis, url) = redis();
+    let mut served = spawn_serve(&["--tcp", "127.0.0.1:0", "--cluster", &url], true);
+    assert_eq!(served.first["ready"], true, "{}", served.first);
+    let pid = served.proc.0.id();
+    let joined = log(&mut served).find("the cluster join", |l| l.contains("cluster joined"));
+    assert!(
+        joined.contains(&format!("-{pid} ")),
+        "no host-pid node id: {joined}"
+    );
+
+    let tether = |args: &[&str]| common::run(Command::new(BIN).args(args), "tether serve");
+    let out = tether(&["serve", "--tcp", "127.0.0.1:0", "--cluster", "http://x"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster"));
+    let out = tether(&["serve", "--tcp", "127.0.0.1:0", "--node-id", "a"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
