@@ -164,8 +164,6 @@ fn callback_with_undefined_result_vector() {
 
 #[test]
 fn event_string_escapes_vector() {
-    // The notes' string also holds a lone surrogate (written `\ud800`), which a Rust string
-    // cannot hold; it is left out here and tested on the parsing side below.
     let text = "Hello \"there\"! it's é … \0 😀";
     let msg = Message::Event {
         id: -1,
@@ -177,16 +175,19 @@ fn event_string_escapes_vector() {
     assert_eq!(msg.encode(), wire);
     assert_eq!(Message::parse(wire).unwrap(), msg);
 
-    // Upstream's full output: the lone surrogate reads back as U+FFFD.
+    // The notes' full string also holds a lone surrogate (`\ud800`): it parses as its UTF-16
+    // code units and encodes back to exactly upstream's text.
     let upstream =
         r#"{event:[-1,'chat'],message:['Marcus','Hello \"there\"! it\'s é … \u0000 \ud800 😀']}"#;
-    let Message::Event { args, .. } = Message::parse(upstream).unwrap() else {
+    let parsed = Message::parse(upstream).unwrap();
+    let Message::Event { args, .. } = &parsed else {
         panic!("not an event");
     };
-    assert_eq!(
-        args.as_array().unwrap()[1],
-        Value::from("Hello \"there\"! it's é … \0 \u{fffd} 😀")
-    );
+    let mut units: Vec<u16> = "Hello \"there\"! it's é … \0 ".encode_utf16().collect();
+    units.push(0xd800);
+    units.extend(" 😀".encode_utf16());
+    assert_eq!(args.as_array().unwrap()[1], Value::Utf16(units));
+    assert_eq!(parsed.encode(), upstream);
 }
 
 #[test]
