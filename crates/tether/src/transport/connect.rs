@@ -1,7 +1,7 @@
 //! Client side: open a transport to an [`Endpoint`].
 
 use super::listener::nul_over;
-use super::stream::{dial, DialOptions, StreamEndpoint};
+use super::stream::{dial, DialOptions, FloorError, StreamEndpoint};
 use super::tls::TlsClientOptions;
 use super::ws::{connect_ws, ws_config, ws_transport, DEFAULT_FRAGMENT_SIZE};
 use super::{Endpoint, Transport, TransportError, TransportInfo, TransportKind};
@@ -63,7 +63,16 @@ async fn connect_inner(
     if secure {
         dial_options = dial_options.tls(config.tls.clone());
     }
-    let stream = dial(&StreamEndpoint::from(endpoint), &dial_options.build()).await?;
+    let target = StreamEndpoint::from(endpoint);
+    let stream = dial(&target, &dial_options.build())
+        .await
+        .map_err(|e| match (e, &target) {
+            // Name the host, as this error always has (the CLI prints it).
+            (FloorError::TlsHandshake(e), StreamEndpoint::Tcp { host, .. }) => {
+                TransportError::Tls(format!("handshake with {host} failed: {e}"))
+            }
+            (e, _) => e.into(),
+        })?;
     let peer = stream.peer().clone();
     let info = TransportInfo {
         kind,
