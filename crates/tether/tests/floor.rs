@@ -6,7 +6,7 @@
 mod common;
 
 use common::{within, LIMIT};
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -583,4 +583,44 @@ async fn websocket_violations_close_with_rfc6455_codes() {
         .await
         .unwrap();
     assert_eq!(close_code(&mut s).await, Some(1000), "a normal close");
+}
+
+#[tokio::test]
+async fn jstp_listener_caps_hold_for_the_transports_life() {
+    use tether::transport::{connect, ClientTransportConfig, Listener};
+    let options = ListenerOptions {
+        max_connections_per_ip: 1,
+        ..Default::default()
+    };
+    let endpoint: Endpoint = "jstp://127.0.0.1:0".parse().unwrap();
+    let mut l = Listener::bind(&endpoint, &options).await.unwrap();
+    let endpoint: Endpoint = format!("jstp://{}", l.local_addr()).parse().unwrap();
+    let config = ClientTransportConfig::default();
+    let _c1 = within(LIMIT, "connect 1", connect(&endpoint, &config))
+        .await
+        .unwrap();
+    let s1 = within(LIMIT, "accept 1", l.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    // Over the cap: closed at once, so its stream ends.
+    let mut c2 = within(LIMIT, "connect 2", connect(&endpoint, &config))
+        .await
+        .unwrap();
+    let end = within(LIMIT, "the refused connection's end", c2.incoming.next()).await;
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    // The slot is the transport's: dropping it lets the next one in.
+    drop(s1);
+    let mut c3 = within(LIMIT, "connect 3", connect(&endpoint, &config))
+        .await
+        .unwrap();
+    let mut s3 = within(LIMIT, "accept 3", l.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    within(LIMIT, "send", c3.outgoing.send("{a:1}".to_owned()))
+        .await
+        .unwrap();
+    let got = within(LIMIT, "receive", s3.incoming.next()).await;
+    assert_eq!(got.unwrap().unwrap(), "{a:1}");
 }
