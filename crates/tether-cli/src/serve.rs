@@ -240,10 +240,19 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let server = builder.build()?;
     chat.bind(&server);
 
+    let causes = Causes::default();
     let mut log_events = server.events();
+    let log_causes = causes.clone();
     tokio::spawn(async move {
-        while let Ok(event) = log_events.recv().await {
-            log_server_event(&event);
+        let causes = log_causes;
+        loop {
+            match log_events.recv().await {
+                Ok(event) => log_server_event(&event, &causes),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(skipped = n, "log fell behind the server's events")
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
         }
     });
 
@@ -324,12 +333,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     println!("{}", serde_json::Value::Object(ready));
 
     stop.wait().await;
-    drain(
-        &server,
-        admin.as_ref(),
-        Duration::from_millis(args.ops.drain_timeout),
-    )
-    .await;
+    let limit = Duration::from_millis(args.ops.drain_timeout);
+    let deadline = tokio::time::Instant::now() + limit;
+    drain(&server, admin.as_ref(), limit).await;
+    // The closing lines of the connections the drain closed, within the same deadline.
+    let _ = tokio::time::timeout_at(deadline, causes.written()).await;
     Ok(())
 }
 
@@ -343,7 +351,8 @@ async fn drain(server: &Server, admin: Option<&Admin>, limit: Duration) {
     }
     let clients = server.clients().len();
     tracing::info!(clients, limit_ms = limit.as_millis() as u64, "draining");
-    match tokio::time::timeout(limit, server.shutdown()).await {
+    let deadline = tokio::time::Instant::now() + limit;
+    match tokio::time::timeout_at(deadline, server.shutdown()).await {
         Ok(()) => tracing::info!("drained: every session saved"),
         Err(_) => tracing::warn!(
             limit_ms = limit.as_millis() as u64,
@@ -351,14 +360,45 @@ async fn drain(server: &Server, admin: Option<&Admin>, limit: Duration) {
         ),
     }
     if let Some(admin) = admin {
-        // Bounded too: the admin's own event streams end at once on shutdown.
-        let _ = tokio::time::timeout(limit, admin.shutdown()).await;
+        // Within the same deadline; the admin's own event streams end at once on shutdown.
+        let _ = tokio::time::timeout_at(deadline, admin.shutdown()).await;
+    }
+}
+
+/// The latest error of each connection, for its closing line, and how many closing lines are
+/// still to be written (a drain waits for them, so a stopping node logs every close). At most
+/// [`Causes::MAX`] causes are kept: past that, closing lines say `cause="orderly"`.
+#[derive(Clone, Default)]
+struct Causes {
+    map: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, String>>>,
+    watching: tokio::sync::watch::Sender<usize>,
+}
+
+impl Causes {
+    const MAX: usize = 4096;
+
+    fn set(&self, id: u64, cause: &str) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() < Self::MAX || map.contains_key(&id) {
+            map.insert(id, cause.to_owned());
+        }
+    }
+
+    fn take(&self, id: u64) -> String {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        // No error reported: the connection was closed on purpose (by the client or a drain).
+        map.remove(&id).unwrap_or_else(|| "orderly".into())
+    }
+
+    /// Until every closing line is written.
+    async fn written(&self) {
+        let _ = self.watching.subscribe().wait_for(|n| *n == 0).await;
     }
 }
 
 /// One info line per connection lifecycle event (accepted, handshake, detached, restored,
 /// closed with its cause); handshake requests and calls stay below info.
-fn log_server_event(event: &ServerEvent) {
+fn log_server_event(event: &ServerEvent, causes: &Causes) {
     match event {
         ServerEvent::HandshakeRequest {
             connection,
@@ -375,9 +415,18 @@ fn log_server_event(event: &ServerEvent) {
             );
             // The closing line, whatever ends it.
             let c = connection.clone();
+            let causes = causes.clone();
+            causes.watching.send_modify(|n| *n += 1);
             tokio::spawn(async move {
                 c.closed().await;
-                tracing::info!(id = c.id(), session = %c.session_tag().unwrap_or_default(), "connection closed");
+                let cause = causes.take(c.id());
+                tracing::info!(
+                    id = c.id(),
+                    session = %c.session_tag().unwrap_or_default(),
+                    %cause,
+                    "connection closed"
+                );
+                causes.watching.send_modify(|n| *n -= 1);
             });
         }
         ServerEvent::Connect(c) => tracing::info!(
@@ -400,11 +449,16 @@ fn log_server_event(event: &ServerEvent) {
         ServerEvent::HandshakeTimeout(c) => {
             tracing::warn!(id = c.id(), remote = %c.remote_addr().unwrap_or_default(), "handshake timeout")
         }
-        ServerEvent::ConnectionError { connection, error } => tracing::warn!(
-            id = ?connection.as_ref().map(|c| c.id()),
-            cause = %error,
-            "connection error"
-        ),
+        ServerEvent::ConnectionError { connection, error } => {
+            if let Some(c) = connection {
+                causes.set(c.id(), error);
+            }
+            tracing::warn!(
+                id = ?connection.as_ref().map(|c| c.id()),
+                cause = %error,
+                "connection error"
+            )
+        }
         #[allow(unreachable_patterns)]
         _ => {}
     }

@@ -77,6 +77,12 @@ async fn json_lines_parse_one_line_per_lifecycle_event_none_per_call() {
     assert!(accepted["fields"]["remote"]
         .as_str()
         .is_some_and(|r| r.starts_with("127.0.0.1:")));
+    let closed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "connection closed")
+        .unwrap();
+    assert!(closed["fields"]["cause"].is_string(), "{closed}");
+    assert_eq!(closed["fields"]["id"], accepted["fields"]["id"]);
     // 25 calls, and not one line about them.
     assert!(
         !log.iter()
