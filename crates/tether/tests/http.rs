@@ -17,6 +17,7 @@ use tether::http::{
     ConnectOptions, HttpClient, HttpConnection, HttpError, HttpServer, HttpVersion,
     ServerConnection, ServerOptions, ServerStream, TlsMode,
 };
+use tether::transport::FloorError;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 
@@ -922,7 +923,10 @@ async fn our_client_against_a_lua_http_server_over_tls() {
     )
     .await;
     // Without trust anchors the client refuses, and the error says why (TLS configuration).
-    assert!(matches!(refused, Err(HttpError::TlsConfig(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(HttpError::Floor(FloorError::TlsConfig(_)))),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1115,7 +1119,10 @@ async fn unix_sockets_and_a_reset_stream_leave_the_connection_usable() {
     let second = HttpServer::new(ServerOptions::new(echo));
     let taken = within("listen again", second.listen_unix(&sock)).await;
     assert!(
-        matches!(&taken, Err(HttpError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse),
+        matches!(
+            &taken,
+            Err(HttpError::Floor(FloorError::Io { what: "bind", .. }))
+        ),
         "{taken:?}"
     );
     let conn = within("connect", HttpConnection::connect_unix(&sock, true))

@@ -4,7 +4,9 @@
 use super::body::{body_read_methods, body_write_methods, HasBody, OutBody, Outgoing};
 use super::{header_map, tls_info, within, BodyReader, HttpError, HttpVersion, ResponseHead};
 use super::{Role, TlsInfo};
-use crate::transport::{client_config, TlsClientOptions};
+use crate::transport::{
+    client_config, dial, DialOptions, FloorError, StreamEndpoint, TlsClientOptions,
+};
 use futures::future::BoxFuture;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -12,7 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How many request heads may wait to go out on one HTTP/1.1 connection (which sends one
@@ -186,12 +187,13 @@ impl HttpConnection {
         options: ConnectOptions,
         timeout: Option<Duration>,
     ) -> Result<HttpConnection, HttpError> {
-        within(timeout, Self::connect_inner(url, options)).await
+        within(timeout, Self::connect_inner(url, options, timeout)).await
     }
 
     async fn connect_inner(
         url: &str,
         options: ConnectOptions,
+        timeout: Option<Duration>,
     ) -> Result<HttpConnection, HttpError> {
         let parsed = parse_url(url)?;
         let unusable = |reason| HttpError::UnusableUrl {
@@ -209,20 +211,27 @@ impl HttpConnection {
             .trim_matches(['[', ']'])
             .to_owned();
         let port = parsed.port_or_known_default().unwrap_or(80);
-        let tcp = TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|source| HttpError::Connect {
-                addr: format!("{host}:{port}"),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().ok().map(|a| a.to_string());
-        let peer = tcp.peer_addr().ok().map(|a| a.to_string());
+        // The floor dials (its connect deadline: `timeout`, else its default); TLS stays here
+        // for now, because `TlsInfo` needs rustls's state, which `ByteStream` does not expose.
+        let mut dial_options = DialOptions::builder();
+        if let Some(after) = timeout {
+            dial_options = dial_options.connect_timeout(after);
+        }
+        let stream = dial(
+            &StreamEndpoint::tcp(host.clone(), port),
+            &dial_options.build(),
+        )
+        .await
+        .map_err(HttpError::from_floor)?;
+        let local = stream.peer().local_addr.clone();
+        let peer = stream.peer().remote_addr.clone();
         if !secure {
             let authority = authority_of(&parsed);
-            return Self::handshake(tcp, options.http2, authority, local, peer, None).await;
+            return Self::handshake(stream, options.http2, authority, local, peer, None).await;
         }
-        let mut config = (*client_config(&options.tls).map_err(HttpError::TlsConfig)?).clone();
+        let mut config = (*client_config(&options.tls)
+            .map_err(|e| HttpError::Floor(FloorError::TlsConfig(Box::new(e))))?)
+        .clone();
         config.alpn_protocols = if options.http2 {
             vec![b"h2".to_vec()]
         } else {
@@ -236,7 +245,7 @@ impl HttpConnection {
         let name = rustls_pki_types::ServerName::try_from(checked.clone())
             .map_err(|e| tls_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
+            .connect(name, stream)
             .await
             .map_err(tls_err)?;
         let info = tls_info(tls.get_ref().1);
@@ -250,14 +259,14 @@ impl HttpConnection {
         http2: bool,
     ) -> Result<HttpConnection, HttpError> {
         let path = path.as_ref();
-        let io = tokio::net::UnixStream::connect(path)
-            .await
-            .map_err(|source| HttpError::Connect {
-                addr: path.display().to_string(),
-                source,
-            })?;
+        let stream = dial(
+            &StreamEndpoint::Unix(path.to_owned()),
+            &DialOptions::default(),
+        )
+        .await
+        .map_err(HttpError::from_floor)?;
         let name = path.display().to_string();
-        Self::handshake(io, http2, "localhost".into(), None, Some(name), None).await
+        Self::handshake(stream, http2, "localhost".into(), None, Some(name), None).await
     }
 
     /// A client connection over any byte stream (in-memory duplex, Unix socket, …).

@@ -86,18 +86,11 @@ pub enum HttpError {
     /// A call did not finish in time (the stream and connection stay usable).
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    /// Connecting (DNS, TCP, Unix socket) or binding a listener failed.
-    #[error("cannot connect to or listen on {addr}")]
-    Connect {
-        /// The address.
-        addr: String,
-        /// The socket error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TLS configuration could not be built.
-    #[error("TLS configuration")]
-    TlsConfig(#[source] crate::transport::TransportError),
+    /// The network floor could not dial or listen: an unusable address, a socket error
+    /// (bind, connect, a live Unix socket in the way), a TLS configuration without trust
+    /// anchors, or a connection the listener gave up on during its handshake.
+    #[error("network")]
+    Floor(#[source] crate::transport::FloorError),
     /// The TLS handshake failed (either side), or the server name is not valid.
     #[error("TLS handshake with {peer}")]
     Tls {
@@ -145,6 +138,20 @@ pub enum HttpError {
 }
 
 impl HttpError {
+    /// A floor error, with the floor's deadlines as [`HttpError::Timeout`] and an upgrade's own
+    /// `HttpError` unwrapped.
+    pub(crate) fn from_floor(e: crate::transport::FloorError) -> Self {
+        use crate::transport::FloorError;
+        match e {
+            FloorError::Timeout { after, .. } => HttpError::Timeout(after),
+            FloorError::Upgrade(inner) => match inner.downcast::<HttpError>() {
+                Ok(e) => *e,
+                Err(other) => HttpError::Handler(other),
+            },
+            other => HttpError::Floor(other),
+        }
+    }
+
     /// Wraps an application error so a handler can return it.
     pub fn handler(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         HttpError::Handler(e.into())

@@ -4,6 +4,7 @@
 
 use super::body::{body_read_methods, body_write_methods, HasBody, OutBody, Outgoing};
 use super::{header_map, within, BodyReader, HttpError, HttpVersion, RequestHead, Role};
+use crate::transport::{ByteStream, ListenOptions, StreamEndpoint, StreamListener};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use hyper::body::Incoming;
@@ -15,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -378,9 +378,6 @@ impl Drop for Running {
     }
 }
 
-/// How long the accept loop waits after an accept error (e.g. EMFILE) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
 impl HttpServer {
     /// A server with `options`.
     pub fn new(options: ServerOptions) -> HttpServer {
@@ -419,17 +416,55 @@ impl HttpServer {
         self.shared.paused.send_replace(false);
     }
 
-    /// Runs `accept` until shutdown, serving what it returns; waits while paused and backs
-    /// off after errors (so EMFILE neither spins nor ends the loop).
-    fn accept_loop<T, F>(&self, mut accept: impl FnMut() -> F + Send + 'static)
-    where
-        T: Send + 'static,
-        F: Future<Output = std::io::Result<T>> + Send,
-        Self: Serve<T>,
-    {
+    /// Listens on `addr` (`host:port`, IPv6 without brackets or in them); returns the bound
+    /// address.
+    pub async fn listen(&self, addr: &str) -> Result<String, HttpError> {
+        let endpoint = StreamEndpoint::parse_host_port(addr).map_err(HttpError::Floor)?;
+        self.listen_on(endpoint).await
+    }
+
+    /// Listens on a Unix socket at `path`. A socket file left by a dead server is replaced;
+    /// one a live server still answers on, or a file that is not a socket, is an error.
+    pub async fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> Result<(), HttpError> {
+        self.listen_on(StreamEndpoint::Unix(path.as_ref().to_owned()))
+            .await
+            .map(drop)
+    }
+
+    /// Listens on the network floor ([`crate::transport::StreamListener`]): its handshake
+    /// deadline (`connection_setup_timeout`) covers TLS or its detection, pending handshakes
+    /// are bounded, accept errors (EMFILE) are backed off from, a stale Unix socket is
+    /// replaced only when dead. Then each connection is served until it ends.
+    async fn listen_on(&self, endpoint: StreamEndpoint) -> Result<String, HttpError> {
+        let options = &self.shared.options;
+        let listen = ListenOptions::builder()
+            .handshake_timeout(options.connection_setup_timeout)
+            .build();
+        let tls = options.tls.clone();
+        let setup = options.connection_setup_timeout;
+        let mut listener = StreamListener::bind_with(&endpoint, &listen, move |stream| {
+            let started = Instant::now();
+            let tls = tls.clone();
+            async move {
+                let peer = stream.peer().remote_addr.clone();
+                let io = secure(stream, &tls).await?;
+                Ok::<_, HttpError>(Accepted {
+                    io,
+                    peer,
+                    setup_deadline: started + setup,
+                })
+            }
+        })
+        .await
+        .map_err(HttpError::Floor)?;
+        let local = match &endpoint {
+            StreamEndpoint::Unix(path) => path.display().to_string(),
+            _ => listener.local_addr(),
+        };
         let server = self.clone();
         let mut stop = self.shared.stop.subscribe();
         let mut paused = self.shared.paused.subscribe();
+        let here = local.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -439,107 +474,30 @@ impl HttpServer {
                 let accepted = tokio::select! {
                     _ = stop.wait_for(|s| *s) => break,
                     _ = paused.wait_for(|p| *p) => continue,
-                    accepted = accept() => accepted,
+                    accepted = listener.accept() => accepted,
                 };
                 match accepted {
-                    Ok(io) => {
+                    None => break,
+                    Some(Ok(conn)) => {
                         let server = server.clone();
-                        tokio::spawn(async move { server.serve_accepted(io).await });
-                    }
-                    Err(source) => {
-                        server.error(HttpError::Connect {
-                            addr: "accept".into(),
-                            source,
+                        let here = here.clone();
+                        tokio::spawn(async move {
+                            // A Unix client seldom binds a path: name the socket instead.
+                            let peer = conn.peer.or(Some(here));
+                            server.serve_until(conn.io, peer, conn.setup_deadline).await
                         });
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
+                    Some(Err(e)) => server.error(HttpError::from_floor(e)),
                 }
             }
-        });
-    }
-
-    /// Listens on `addr` (`host:port`); returns the bound address.
-    pub async fn listen(&self, addr: &str) -> Result<String, HttpError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| HttpError::Connect {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| HttpError::Connect {
-                addr: addr.to_owned(),
-                source,
-            })?
-            .to_string();
-        let listener = Arc::new(listener);
-        self.accept_loop(move || {
-            let listener = listener.clone();
-            async move { listener.accept().await }
+            listener.shutdown();
         });
         Ok(local)
-    }
-
-    /// Listens on a Unix socket at `path`. A socket file left by a dead server is replaced;
-    /// one a live server still answers on is not ([`HttpError::Connect`], address in use).
-    pub async fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> Result<(), HttpError> {
-        let path = path.as_ref().to_owned();
-        let addr = path.display().to_string();
-        if tokio::net::UnixStream::connect(&path).await.is_ok() {
-            return Err(HttpError::Connect {
-                addr,
-                source: std::io::ErrorKind::AddrInUse.into(),
-            });
-        }
-        let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path)
-            .map_err(|source| HttpError::Connect { addr, source })?;
-        let listener = Arc::new(listener);
-        let peer = path.display().to_string();
-        self.accept_loop(move || {
-            let listener = listener.clone();
-            let peer = peer.clone();
-            async move { listener.accept().await.map(|(io, _)| (io, peer)) }
-        });
-        Ok(())
     }
 
     fn error(&self, e: HttpError) {
         if let Some(f) = &self.shared.options.on_error {
             f(e);
-        }
-    }
-
-    async fn serve_tcp(&self, tcp: TcpStream, peer: String) {
-        let _ = tcp.set_nodelay(true);
-        let setup = self.shared.options.connection_setup_timeout;
-        let deadline = Instant::now() + setup;
-        let tls = match &self.shared.options.tls {
-            TlsMode::Disabled => None,
-            TlsMode::Required(c) => Some(c.clone()),
-            TlsMode::Auto(c) => {
-                let mut first = [0u8; 1];
-                match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-                    Ok(Ok(1)) if first[0] == 0x16 => Some(c.clone()),
-                    Ok(Ok(_)) => None,
-                    Ok(Err(_)) => return,
-                    Err(_) => return self.error(HttpError::Timeout(setup)),
-                }
-            }
-        };
-        match tls {
-            None => self.serve_until(tcp, Some(peer), deadline).await,
-            Some(config) => {
-                let mut config = (*config).clone();
-                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-                match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => self.serve_until(tls, Some(peer), deadline).await,
-                    Ok(Err(source)) => self.error(HttpError::Tls { peer, source }),
-                    Err(_) => self.error(HttpError::Timeout(setup)),
-                }
-            }
         }
     }
 
@@ -769,30 +727,107 @@ impl HttpServer {
     }
 }
 
-/// How an accept loop hands over what it accepted.
-trait Serve<T> {
-    fn serve_accepted(&self, io: T) -> impl Future<Output = ()> + Send;
+/// A connection the floor accepted, after TLS (or its detection).
+struct Accepted {
+    io: Box<dyn Io>,
+    peer: Option<String>,
+    setup_deadline: Instant,
 }
 
-impl Serve<(TcpStream, std::net::SocketAddr)> for HttpServer {
-    fn serve_accepted(
-        &self,
-        (tcp, peer): (TcpStream, std::net::SocketAddr),
-    ) -> impl Future<Output = ()> + Send {
-        let server = self.clone();
-        async move { server.serve_tcp(tcp, peer.to_string()).await }
+/// A byte stream hyper can serve.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// TLS as the server's mode asks: none, always, or when the client's first byte starts a TLS
+/// handshake (the byte is read and put back in front of the stream).
+async fn secure(stream: ByteStream, tls: &TlsMode) -> Result<Box<dyn Io>, HttpError> {
+    let peer = stream.peer().remote_addr.clone().unwrap_or_default();
+    let config = match tls {
+        TlsMode::Disabled => return Ok(Box::new(stream)),
+        TlsMode::Required(c) => c.clone(),
+        TlsMode::Auto(c) => {
+            let mut stream = Prefixed::new(stream);
+            let first = stream.first_byte().await.map_err(|source| HttpError::Io {
+                what: "reading the first byte",
+                source,
+            })?;
+            if first != Some(0x16) {
+                return Ok(Box::new(stream));
+            }
+            return accept_tls(stream, c, peer).await;
+        }
+    };
+    accept_tls(stream, &config, peer).await
+}
+
+async fn accept_tls(
+    io: impl Io,
+    config: &Arc<rustls::ServerConfig>,
+    peer: String,
+) -> Result<Box<dyn Io>, HttpError> {
+    let mut config = (**config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        .accept(io)
+        .await
+        .map_err(|source| HttpError::Tls { peer, source })?;
+    Ok(Box::new(tls))
+}
+
+/// A stream whose first byte was read ahead (for TLS detection) and is returned first.
+struct Prefixed<T> {
+    io: T,
+    first: Option<u8>,
+}
+
+impl<T: AsyncRead + Unpin> Prefixed<T> {
+    fn new(io: T) -> Self {
+        Prefixed { io, first: None }
+    }
+
+    async fn first_byte(&mut self) -> std::io::Result<Option<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        let n = self.io.read(&mut byte).await?;
+        self.first = (n == 1).then_some(byte[0]);
+        Ok(self.first)
     }
 }
 
-impl Serve<(tokio::net::UnixStream, String)> for HttpServer {
-    fn serve_accepted(
-        &self,
-        (io, peer): (tokio::net::UnixStream, String),
-    ) -> impl Future<Output = ()> + Send {
-        let server = self.clone();
-        async move {
-            let deadline = Instant::now() + server.shared.options.connection_setup_timeout;
-            server.serve_until(io, Some(peer), deadline).await
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(b) = self.first.take() {
+            buf.put_slice(&[b]);
+            return std::task::Poll::Ready(Ok(()));
         }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
