@@ -35,19 +35,24 @@
 
 pub mod app;
 pub mod client;
+#[cfg(feature = "cluster")]
 pub mod cluster;
+#[cfg(feature = "conductor")]
 pub mod conductor;
 pub mod connection;
 pub mod error;
 pub mod example;
 pub mod guard;
+#[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "hub")]
 pub mod hub;
 pub mod memory;
 pub mod metrics;
 pub mod reconnect;
 pub mod server;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;
 pub mod typed;

@@ -107,9 +107,11 @@ pub(crate) fn connection_closed(kind: Option<crate::TransportKind>, protocol: &'
 
 /// Counts one conductor-protocol connection (plain WebSocket) for as long as it lives:
 /// created when the connection is accepted, dropped when it ends.
+#[cfg(feature = "conductor")]
 #[derive(Debug)]
 pub struct ConductorConnectionGuard(());
 
+#[cfg(feature = "conductor")]
 impl ConductorConnectionGuard {
     /// Counts a conductor connection as opened and open.
     pub fn new() -> Self {
@@ -118,12 +120,14 @@ impl ConductorConnectionGuard {
     }
 }
 
+#[cfg(feature = "conductor")]
 impl Default for ConductorConnectionGuard {
     fn default() -> Self {
         Self::new()
     }
 }
 
+#[cfg(feature = "conductor")]
 impl Drop for ConductorConnectionGuard {
     fn drop(&mut self) {
         connection_closed(Some(crate::TransportKind::Ws), "conductor");
@@ -164,9 +168,11 @@ pub(crate) fn session_left_detached(was_detached: bool) {
 
 /// Counts one HTTP connection (`tether::http` server, TCP with or without TLS) for as long as
 /// it lives.
+#[cfg(feature = "http")]
 #[derive(Debug)]
 pub struct HttpConnectionGuard(());
 
+#[cfg(feature = "http")]
 impl HttpConnectionGuard {
     /// Counts an HTTP connection as opened and open.
     pub fn new() -> Self {
@@ -175,12 +181,14 @@ impl HttpConnectionGuard {
     }
 }
 
+#[cfg(feature = "http")]
 impl Default for HttpConnectionGuard {
     fn default() -> Self {
         Self::new()
     }
 }
 
+#[cfg(feature = "http")]
 impl Drop for HttpConnectionGuard {
     fn drop(&mut self) {
         connection_closed(Some(crate::TransportKind::Tcp), "http");

@@ -153,6 +153,7 @@ pub struct ServerBuilder {
     event_capacity: usize,
     store: Option<Arc<dyn SessionStore>>,
     client_expiration: Duration,
+    #[cfg(feature = "cluster")]
     cluster: Option<crate::cluster::Cluster>,
     guards: crate::guard::GuardConfig,
 }
@@ -169,6 +170,7 @@ impl Default for ServerBuilder {
             event_capacity: 1024,
             store: None,
             client_expiration: Duration::from_secs(3600),
+            #[cfg(feature = "cluster")]
             cluster: None,
             guards: crate::guard::GuardConfig::default(),
         }
@@ -230,6 +232,7 @@ impl ServerBuilder {
         self
     }
 
+    #[cfg(feature = "cluster")]
     /// Joins a cluster of nodes: every broadcast also reaches the clients of the other nodes,
     /// and theirs reach this node's clients (see [`crate::cluster`]). Default: none, broadcasts
     /// stay on this node.
@@ -301,6 +304,7 @@ impl ServerBuilder {
         let (shutdown_tx, _) = watch::channel(false);
         Ok(with_cluster(Server {
             inner: Arc::new(Inner {
+                #[cfg(feature = "cluster")]
                 cluster: self.cluster,
                 apps: RwLock::new(self.apps),
                 auth: self.auth,
@@ -341,6 +345,7 @@ struct Inner {
     events: broadcast::Sender<ServerEvent>,
     shutdown: watch::Sender<bool>,
     /// The cluster this node joined: broadcasts are published there too.
+    #[cfg(feature = "cluster")]
     cluster: Option<crate::cluster::Cluster>,
     /// Binding, throttles, detached-session caps, store deadlines.
     guard: crate::guard::Guard,
@@ -822,6 +827,8 @@ impl Server {
 
     fn queue_broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> Vec<Connection> {
         let args = Value::Array(args);
+        // Encoding checks the event can go on the wire; the text itself is for the cluster.
+        #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
         let text = match tether_wire::stringify(&args) {
             Ok(text) => text,
             Err(e) => {
@@ -829,6 +836,7 @@ impl Server {
                 return Vec::new();
             }
         };
+        #[cfg(feature = "cluster")]
         if let Some(cluster) = &self.inner.cluster {
             cluster.publish(iface, event, text);
         }
@@ -882,6 +890,7 @@ async fn wait_for_room(queued: Vec<Connection>) -> usize {
 /// slow node reads the stream more slowly rather than buffering). The server is held weakly:
 /// the cluster's tasks end with the server.
 fn with_cluster(server: Server) -> Server {
+    #[cfg(feature = "cluster")]
     if let Some(cluster) = &server.inner.cluster {
         let weak = Arc::downgrade(&server.inner);
         cluster.attach(Arc::new(move |iface: &str, event: &str, args: Value| {

@@ -25,8 +25,10 @@
 //! ```
 
 use futures::future::BoxFuture;
+#[cfg(feature = "redb")]
 use redb::ReadableTable;
 use std::collections::HashMap;
+#[cfg(feature = "redb")]
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,16 +41,26 @@ pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// A session store failed.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The embedded database failed.
     #[error("session database: {0}")]
     Redb(String),
     /// Redis failed or is unreachable.
+    #[cfg(feature = "redis")]
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     /// A store URL or path could not be used.
     #[error("invalid session store {0:?}")]
     InvalidSpec(String),
+    /// The spec names a store this build of tether leaves out (its Cargo feature is off).
+    #[error("session store {spec:?} needs tether's `{feature}` Cargo feature")]
+    FeatureDisabled {
+        /// The spec as given.
+        spec: String,
+        /// The Cargo feature that would enable it (`redb` or `redis`).
+        feature: &'static str,
+    },
 }
 
 /// Keeps sessions by id while their clients are away. All methods are async so a store can sit
@@ -72,15 +84,35 @@ pub async fn open(spec: &str) -> Result<Arc<dyn SessionStore>, StoreError> {
     if spec == "memory" {
         Ok(Arc::new(MemoryStore::new()))
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
-        Ok(Arc::new(RedisStore::connect(spec).await?))
+        #[cfg(feature = "redis")]
+        {
+            Ok(Arc::new(RedisStore::connect(spec).await?))
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            Err(StoreError::FeatureDisabled {
+                spec: spec.to_owned(),
+                feature: "redis",
+            })
+        }
     } else if spec.is_empty() {
         Err(StoreError::InvalidSpec(spec.to_owned()))
     } else {
-        let path = spec.to_owned();
-        let store = tokio::task::spawn_blocking(move || RedbStore::open(path))
-            .await
-            .map_err(|e| StoreError::Redb(e.to_string()))??;
-        Ok(Arc::new(store))
+        #[cfg(feature = "redb")]
+        {
+            let path = spec.to_owned();
+            let store = tokio::task::spawn_blocking(move || RedbStore::open(path))
+                .await
+                .map_err(|e| StoreError::Redb(e.to_string()))??;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "redb"))]
+        {
+            Err(StoreError::FeatureDisabled {
+                spec: spec.to_owned(),
+                feature: "redb",
+            })
+        }
     }
 }
 
@@ -99,6 +131,8 @@ struct Entry {
 
 impl Entry {
     /// `<inactive_since or empty>\n<value>`: the format both local stores write.
+    // Only RedbStore (and the unit tests) read and write this text.
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
     fn encode(&self) -> String {
         let since = self
             .inactive_since
@@ -107,6 +141,7 @@ impl Entry {
         format!("{since}\n{}", self.value)
     }
 
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
     fn decode(text: &str) -> Option<Entry> {
         let (since, value) = text.split_once('\n')?;
         let inactive_since = if since.is_empty() {
@@ -244,11 +279,13 @@ impl SessionStore for MemoryStore {
     }
 }
 
+#[cfg(feature = "redb")]
 const SESSIONS: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("sessions");
 
 /// Sessions in an embedded redb database file, so they survive a server restart. Each
 /// operation is one transaction run on tokio's blocking pool; inactive sessions expire as in
 /// [`MemoryStore`].
+#[cfg(feature = "redb")]
 #[derive(Clone)]
 pub struct RedbStore {
     db: Arc<redb::Database>,
@@ -257,16 +294,19 @@ pub struct RedbStore {
     last_purge: Arc<Mutex<u64>>,
 }
 
+#[cfg(feature = "redb")]
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbStore").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "redb")]
 fn redb_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Redb(e.to_string())
 }
 
+#[cfg(feature = "redb")]
 impl RedbStore {
     /// Opens (or creates) the database at `path`. Blocking: call it before starting the server
     /// or from a blocking task. Only one process may hold the file at a time.
@@ -367,6 +407,7 @@ impl RedbStore {
     }
 }
 
+#[cfg(feature = "redb")]
 impl SessionStore for RedbStore {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
         let id = id.to_owned();
@@ -432,6 +473,7 @@ impl SessionStore for RedbStore {
 /// went away restores its session on another. Each session is one string key
 /// `<prefix><id>`; inactivity is a Redis TTL (24 h by default), cleared when the session is
 /// read or written, so Redis does the purging.
+#[cfg(feature = "redis")]
 #[derive(Clone)]
 pub struct RedisStore {
     conn: redis::aio::ConnectionManager,
@@ -439,6 +481,7 @@ pub struct RedisStore {
     lifetime: Duration,
 }
 
+#[cfg(feature = "redis")]
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
@@ -447,6 +490,7 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+#[cfg(feature = "redis")]
 impl RedisStore {
     /// Connects to `url` (`redis://host:port[/db]`) with key prefix `tether:session:` and a
     /// 24 h inactive lifetime. The connection reconnects by itself if Redis restarts.
@@ -486,6 +530,7 @@ impl RedisStore {
     }
 }
 
+#[cfg(feature = "redis")]
 impl SessionStore for RedisStore {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
         Box::pin(async move {
@@ -570,6 +615,24 @@ mod tests {
         assert_eq!(store.get("b").await.unwrap(), None);
     }
 
+    /// Without the `redis`/`redb` features, `open` names the missing feature in a typed error
+    /// instead of failing as an unknown spec.
+    #[cfg(not(all(feature = "redis", feature = "redb")))]
+    #[tokio::test]
+    async fn open_names_the_feature_a_left_out_store_needs() {
+        #[cfg(not(feature = "redis"))]
+        assert!(matches!(
+            open("redis://127.0.0.1:1").await,
+            Err(StoreError::FeatureDisabled { feature: "redis", .. })
+        ));
+        #[cfg(not(feature = "redb"))]
+        assert!(matches!(
+            open("/tmp/tether-no-redb/sessions.redb").await,
+            Err(StoreError::FeatureDisabled { feature: "redb", .. })
+        ));
+        assert!(open("memory").await.is_ok());
+    }
+
     #[tokio::test]
     async fn reading_a_session_makes_it_active_again() {
         let store = MemoryStore::with_lifetime(Duration::from_secs(3600), Duration::ZERO);
@@ -579,6 +642,7 @@ mod tests {
         assert!(store.lock().entries["a"].inactive_since.is_none());
     }
 
+    #[cfg(feature = "redb")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redb_store_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();

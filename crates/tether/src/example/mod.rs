@@ -273,6 +273,9 @@ impl ChatHub {
     }
 }
 
+#[cfg(feature = "conductor")]
 mod conductor;
+#[cfg(feature = "conductor")]
 pub use conductor::conductor_server;
+#[cfg(feature = "conductor")]
 pub use conductor::conductor_server_with;
