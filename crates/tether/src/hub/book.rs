@@ -40,12 +40,14 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+#[cfg(feature = "redb")]
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tether_wire::{Object, Value};
 use thiserror::Error;
 
+#[cfg(feature = "redb")]
 const PEERS: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("hub_peers");
 
 /// What can go wrong with the peer book.
@@ -53,6 +55,7 @@ const PEERS: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("hub
 #[non_exhaustive]
 pub enum BookError {
     /// The redb file could not be opened, read or written.
+    #[cfg(feature = "redb")]
     #[error("peer book storage")]
     Store(#[from] redb::Error),
     /// A row of the file is not a peer record (written by something else, or damaged).
@@ -130,6 +133,7 @@ struct StoredOutcome {
 }
 
 impl BookEntry {
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
     fn encode(&self) -> String {
         let record = Record {
             state: self.state,
@@ -147,6 +151,7 @@ impl BookEntry {
         serde_json::to_string(&record).unwrap_or_default()
     }
 
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
     fn decode(address: &str, text: &str) -> Result<BookEntry, BookError> {
         let record: Record = serde_json::from_str(text).map_err(|source| BookError::Corrupt {
             address: address.to_owned(),
@@ -172,6 +177,7 @@ impl BookEntry {
 struct BookInner {
     /// Every row, mirrored in memory so reads never touch the file.
     rows: Mutex<BTreeMap<String, BookEntry>>,
+    #[cfg(feature = "redb")]
     db: Option<redb::Database>,
 }
 
@@ -187,7 +193,7 @@ impl std::fmt::Debug for PeerBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerBook")
             .field("peers", &self.len())
-            .field("persistent", &self.inner.db.is_some())
+            .field("persistent", &self.is_persistent())
             .finish()
     }
 }
@@ -198,6 +204,7 @@ impl Default for PeerBook {
     }
 }
 
+#[cfg(feature = "redb")]
 fn store_err(e: impl Into<redb::Error>) -> BookError {
     BookError::Store(e.into())
 }
@@ -208,11 +215,13 @@ impl PeerBook {
         PeerBook {
             inner: Arc::new(BookInner {
                 rows: Mutex::new(BTreeMap::new()),
+                #[cfg(feature = "redb")]
                 db: None,
             }),
         }
     }
 
+    #[cfg(feature = "redb")]
     /// Opens (or creates) the book at `path` and reads it. Blocking. Only one process may
     /// hold the file at a time (redb locks it).
     pub fn open(path: impl AsRef<Path>) -> Result<PeerBook, BookError> {
@@ -244,6 +253,7 @@ impl PeerBook {
     }
 
     /// Writes one row (or removes it) to the file, durably or not.
+    #[cfg(feature = "redb")]
     fn write(
         &self,
         address: &str,
@@ -303,7 +313,15 @@ impl PeerBook {
 
     /// `true` when the book is kept in a file (its writes block on the disk).
     pub fn is_persistent(&self) -> bool {
-        self.inner.db.is_some()
+        #[cfg(feature = "redb")]
+        {
+            self.inner.db.is_some()
+        }
+        // Without redb there is no file: every book is in memory.
+        #[cfg(not(feature = "redb"))]
+        {
+            false
+        }
     }
 
     /// `true` when the book holds no peer.
@@ -372,7 +390,14 @@ impl PeerBook {
         Ok(true)
     }
 
+    /// Without the `redb` feature the book is in memory only: nothing to write.
+    #[cfg(not(feature = "redb"))]
+    fn write(&self, _: &str, _: Option<&BookEntry>, _: bool) -> Result<(), BookError> {
+        Ok(())
+    }
+
     /// Makes every earlier write durable (one fsync).
+    #[cfg(feature = "redb")]
     pub fn flush(&self) -> Result<(), BookError> {
         let Some(db) = &self.inner.db else {
             return Ok(());
@@ -381,9 +406,16 @@ impl PeerBook {
         let tx = db.begin_write().map_err(store_err)?;
         tx.commit().map_err(store_err)
     }
+
+    /// Makes every earlier write durable: without the `redb` feature the book is in memory
+    /// only, so there is nothing to do.
+    #[cfg(not(feature = "redb"))]
+    pub fn flush(&self) -> Result<(), BookError> {
+        Ok(())
+    }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "redb"))]
 mod tests {
     use super::*;
 
