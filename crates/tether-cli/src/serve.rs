@@ -411,6 +411,7 @@ fn log_server_event(event: &ServerEvent, causes: &Causes) {
                 transport = ?connection.transport_info().map(|i| i.kind).unwrap_or(tether::TransportKind::Tcp),
                 %app,
                 %strategy,
+                event = "accepted",
                 "connection accepted"
             );
             // The closing line, whatever ends it.
@@ -424,6 +425,7 @@ fn log_server_event(event: &ServerEvent, causes: &Causes) {
                     id = c.id(),
                     session = %c.session_tag().unwrap_or_default(),
                     %cause,
+                    event = "closed",
                     "connection closed"
                 );
                 causes.watching.send_modify(|n| *n -= 1);
@@ -434,16 +436,23 @@ fn log_server_event(event: &ServerEvent, causes: &Causes) {
             remote = %c.remote_addr().unwrap_or_default(),
             user = %c.username().unwrap_or_default(),
             session = %c.session_tag().unwrap_or_default(),
-            "handshake: new session"
+            event = "handshake",
+            "client connected"
         ),
         ServerEvent::Disconnect(c) => {
-            tracing::info!(id = c.id(), session = %c.session_tag().unwrap_or_default(), "client detached")
+            tracing::info!(
+                id = c.id(),
+                session = %c.session_tag().unwrap_or_default(),
+                event = "detached",
+                "client disconnected"
+            )
         }
         ServerEvent::Reconnect(c) => tracing::info!(
             id = c.id(),
             remote = %c.remote_addr().unwrap_or_default(),
             session = %c.session_tag().unwrap_or_default(),
-            "handshake: session restored"
+            event = "restored",
+            "client restored its session"
         ),
         ServerEvent::RestoreSession(_) => {}
         ServerEvent::HandshakeTimeout(c) => {
@@ -455,7 +464,7 @@ fn log_server_event(event: &ServerEvent, causes: &Causes) {
             }
             tracing::warn!(
                 id = ?connection.as_ref().map(|c| c.id()),
-                cause = %error,
+                %error,
                 "connection error"
             )
         }
