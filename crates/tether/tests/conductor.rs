@@ -247,6 +247,30 @@ async fn our_client_against_a_node_server_over_wss() {
         })
     ));
 
+    // The name verified is `TlsClientOptions::server_name` when set, not the URL's host: the
+    // certificate is for localhost and 127.0.0.1 only.
+    for (name, works) in [("elsewhere.example", false), ("localhost", true)] {
+        let mut named = ConductorOptions::default();
+        named.tls.ca_pem = Some(certs.cert.clone());
+        named.tls.server_name = Some(name.into());
+        let conn = ConductorConnection::new(format!("wss://127.0.0.1:{port}"), named).unwrap();
+        let opened = within("open with a server name", conn.open(None)).await;
+        assert_eq!(opened.is_ok(), works, "{name}: {opened:?}");
+        if !works {
+            assert!(
+                matches!(
+                    opened,
+                    Err(ConductorError::Dial {
+                        stage: tether::conductor::DialStage::Tls,
+                        ..
+                    })
+                ),
+                "{opened:?}"
+            );
+        }
+        conn.close(None).await.ok();
+    }
+
     // `secure` makes a bare port mean wss://127.0.0.1:<port>.
     let mut options = ConductorOptions {
         secure: true,

@@ -1,7 +1,7 @@
 //! The client: [`ConductorConnection`], the seed's `Connection` in Rust form.
 
 use super::{ws_config, CellId, ConductorError, DialStage, Dialect, Value};
-use crate::transport::{client_config, TlsClientOptions};
+use crate::transport::{self, DialOptions, FloorError, StreamEndpoint, TlsClientOptions};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +12,6 @@ use tether_wire::conductor::{
     authenticate_payload, from_bytes, to_bytes, Envelope, Payload, WireError, WireMessage,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -188,22 +187,22 @@ async fn dial(
             stage,
             source: source.into(),
         };
-    let tcp = TcpStream::connect((host.as_str(), port))
+    // The network floor dials: connect deadline, and TLS verifying
+    // `TlsClientOptions::server_name` when given (else the URL's host).
+    let mut dial_options = DialOptions::builder().connect_timeout(options.timeout);
+    if parsed.scheme() == "wss" {
+        dial_options = dial_options.tls(options.tls.clone());
+    }
+    let stream = transport::dial(&StreamEndpoint::tcp(host, port), &dial_options.build())
         .await
-        .map_err(|e| fail(DialStage::Tcp, e.into()))?;
-    let _ = tcp.set_nodelay(true);
-    let io: Box<dyn Io> = if parsed.scheme() == "wss" {
-        let config = client_config(&options.tls).map_err(|e| fail(DialStage::Tls, e.into()))?;
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| fail(DialStage::Tls, e.into()))?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| fail(DialStage::Tls, e.into()))?;
-        Box::new(tls)
-    } else {
-        Box::new(tcp)
-    };
+        .map_err(|e| {
+            let stage = match e {
+                FloorError::TlsConfig(_) | FloorError::TlsHandshake(_) => DialStage::Tls,
+                _ => DialStage::Tcp,
+            };
+            fail(stage, e.into())
+        })?;
+    let io: Box<dyn Io> = Box::new(stream);
     let mut request = uri
         .into_client_request()
         .map_err(|e| fail(DialStage::WebSocket, e.into()))?;
