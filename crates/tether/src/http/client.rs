@@ -37,9 +37,44 @@ type Queued = (Request<OutBody>, oneshot::Sender<ResponseFuture>);
 enum Sender {
     /// HTTP/1.1: requests go through one queue, so they leave in the order their heads were
     /// written (a task per request would race for the connection).
-    H1(mpsc::Sender<Queued>),
+    H1(H1Sender),
     /// HTTP/2: any number of requests at once; h2 itself waits for a free stream slot.
     H2(hyper::client::conn::http2::SendRequest<OutBody>),
+}
+
+/// The HTTP/1.1 sending side: a request goes straight to hyper when nothing is queued and the
+/// connection is ready at once (no task hop), otherwise through the queue, whose dispatcher
+/// keeps the order.
+#[derive(Clone)]
+struct H1Sender {
+    queue: mpsc::Sender<Queued>,
+    hyper: Arc<Mutex<hyper::client::conn::http1::SendRequest<OutBody>>>,
+    /// Requests in the queue or being dispatched; the direct path is taken only at 0.
+    queued: Arc<AtomicUsize>,
+}
+
+impl H1Sender {
+    async fn send(&self, request: Request<OutBody>) -> Result<Pending, HttpError> {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            let mut hyper = lock(&self.hyper);
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if self.queued.load(Ordering::SeqCst) == 0
+                && matches!(hyper.poll_ready(&mut cx), std::task::Poll::Ready(Ok(())))
+            {
+                let fut = hyper.send_request(request);
+                return Ok(Pending::Sent(Box::pin(async move {
+                    fut.await.map_err(HttpError::Connection)
+                })));
+            }
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        if self.queue.send((request, tx)).await.is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(HttpError::Closed("connection closed"));
+        }
+        Ok(Pending::Queued(rx))
+    }
 }
 
 /// A handler called when a connection becomes idle.
@@ -309,6 +344,12 @@ impl HttpConnection {
                 .await
                 .map_err(HttpError::Connection)?;
             let (queue, rx) = mpsc::channel(H1_QUEUE);
+            let h1 = H1Sender {
+                queue,
+                hyper: Arc::new(Mutex::new(sender)),
+                queued: Arc::new(AtomicUsize::new(0)),
+            };
+            let dispatcher = dispatch_h1(h1.hyper.clone(), h1.queued.clone(), rx);
             let task = tokio::spawn(async move {
                 // The connection and its queue in one task: dropping the queue's last sender
                 // (shutdown) ends the dispatcher, which drops hyper's sender, which lets the
@@ -316,9 +357,9 @@ impl HttpConnection {
                 let conn = async move {
                     let _ = conn.await;
                 };
-                tokio::join!(conn, dispatch_h1(sender, rx));
+                tokio::join!(conn, dispatcher);
             });
-            (Sender::H1(queue), task, HttpVersion::Http11)
+            (Sender::H1(h1), task, HttpVersion::Http11)
         };
         Ok(HttpConnection {
             shared: Arc::new(ClientShared {
@@ -399,6 +440,7 @@ impl HttpConnection {
         within(timeout, async {
             match sender {
                 Sender::H1(q) => q
+                    .queue
                     .reserve()
                     .await
                     .map(drop)
@@ -467,17 +509,21 @@ impl HttpConnection {
 
 /// Sends queued HTTP/1.1 requests one by one, in queue order.
 async fn dispatch_h1(
-    mut sender: hyper::client::conn::http1::SendRequest<OutBody>,
+    sender: Arc<Mutex<hyper::client::conn::http1::SendRequest<OutBody>>>,
+    queued: Arc<AtomicUsize>,
     mut queue: mpsc::Receiver<Queued>,
 ) {
     while let Some((request, reply)) = queue.recv().await {
         // Ready once the previous exchange is done (HTTP/1.1 sends one request at a time).
-        let response: ResponseFuture = match sender.ready().await {
+        let ready = std::future::poll_fn(|cx| lock(&sender).poll_ready(cx)).await;
+        let response: ResponseFuture = match ready {
             Ok(()) => {
-                let fut = sender.send_request(request);
+                let fut = lock(&sender).send_request(request);
+                queued.fetch_sub(1, Ordering::SeqCst);
                 Box::pin(async move { fut.await.map_err(HttpError::Connection) })
             }
             Err(e) => {
+                queued.fetch_sub(1, Ordering::SeqCst);
                 let _ = reply.send(Box::pin(async move { Err(HttpError::Connection(e)) }));
                 // The connection is gone: the rest of the queue fails with it.
                 queue.close();
@@ -602,14 +648,7 @@ impl ClientStream {
             None => return Err(HttpError::Closed("connection shut down")),
         };
         let pending = match sender {
-            Sender::H1(queue) => {
-                let (tx, rx) = oneshot::channel();
-                queue
-                    .send((request, tx))
-                    .await
-                    .map_err(|_| HttpError::Closed("connection closed"))?;
-                Pending::Queued(rx)
-            }
+            Sender::H1(h1) => h1.send(request).await?,
             Sender::H2(mut s) => {
                 s.ready().await.map_err(HttpError::Connection)?;
                 let fut = s.send_request(request);
