@@ -31,6 +31,26 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Cargo features
+//!
+//! Every protocol part is on by default; a library user who wants less turns the defaults off
+//! (`default-features = false, features = [...]`) and names what they use. The core
+//! (connections, client, server, the JSTP transports, [`store::MemoryStore`]) is always there.
+//! More in `docs/features.md`.
+//!
+//! | feature | default | brings | dependencies |
+//! | --- | --- | --- | --- |
+//! | `redb` | yes | `store::RedbStore`, `store::open(PATH)`, `hub::PeerBook::open` | `redb` |
+//! | `redis` | yes | `store::RedisStore`, `store::open("redis://…")` | `redis` |
+//! | `cluster` | yes | `cluster` (broadcasts shared through Redis), `ServerBuilder::cluster` | the `redis` feature |
+//! | `http` | yes | `http` (HTTP/1.1 and HTTP/2 client and server) | none beyond the core (hyper already carries WebSocket) |
+//! | `conductor` | yes | `conductor` (Holochain's conductor protocol), the example's conductor server | `rmp-serde`, `rmpv` |
+//! | `hub` | yes | `hub` (the multiserver hub; a file-backed peer book also needs `redb`) | none |
+//! | `testing` | no | `testing` (`CutProxy`, for tests and benchmarks) | none |
+//!
+//! Without `redis` or `redb`, [`store::open`] refuses the spec it cannot serve with
+//! [`store::StoreError::FeatureDisabled`], naming the feature.
 #![warn(missing_docs)]
 
 pub mod app;
