@@ -28,7 +28,7 @@ pub(crate) struct GuardFlags {
     #[arg(long, value_name = "BYTES", default_value_t = tether::guard::DEFAULT_MAX_DETACHED_BYTES)]
     pub(crate) max_detached_bytes: usize,
     /// Longest wait for one session-store call (milliseconds): past it a new session goes on
-    /// in memory and a restore that needs the store gets code 16.
+    /// in memory and a restore that needs the store gets code 11.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub(crate) store_timeout: u64,
 }

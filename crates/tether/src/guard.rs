@@ -290,7 +290,7 @@ pub const DEFAULT_MAX_DETACHED: usize = 1024;
 /// hold in memory by default: 64 MiB.
 pub const DEFAULT_MAX_DETACHED_BYTES: usize = 64 << 20;
 /// How long a server waits for one session-store call by default: 1 s. Past it, a new session
-/// goes on in memory and a restore that needed the store is refused with code 16.
+/// goes on in memory and a restore that needed the store is refused with code 11.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 /// At most one warning line per kind of store failure this often: 5 s.
 pub const STORE_WARNING_INTERVAL: Duration = Duration::from_secs(5);

@@ -282,7 +282,8 @@ impl ServerBuilder {
 
     /// How long one session-store call may take. Past it a new session goes on in memory
     /// (the write is given up, logged at most every 5 s) and a restore that needs the store is
-    /// refused with code 16, so a stalled store never holds a handshake. Default
+    /// refused with code 11 (as an unknown session), so a stalled store never holds a
+    /// handshake. Default
     /// [`guard::DEFAULT_STORE_TIMEOUT`](crate::guard::DEFAULT_STORE_TIMEOUT) (1 s).
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.guards.store_timeout = timeout;
@@ -594,7 +595,7 @@ impl ServerHooks for Hooks {
 
 /// A `session` handshake: the live connection that holds the session, or the session from the
 /// store, or `[11]` as upstream when neither knows it (or, with a [`SessionBinding`], when the
-/// client comes from elsewhere), or `[16]` when the store fails or times out.
+/// client comes from elsewhere, or the store fails or times out).
 async fn restore_decision(
     inner: &Inner,
     conn: &Connection,
@@ -633,9 +634,9 @@ async fn restore_decision(
     {
         Ok(Some(text)) => text,
         Ok(None) => return Err(unknown()),
-        // The store is down or slow: say so (16), not "unknown session" (11), so a client
-        // keeps its session and retries instead of starting a new one.
-        Err(_) => return Err(RemoteError::code(ErrorCode::InternalApiError)),
+        // The store is down or slow: refused at once with upstream's code for a session it
+        // cannot restore (11), rather than held until the handshake deadline.
+        Err(_) => return Err(unknown()),
     };
     let (origin, text) = crate::guard::unwrap_stored(&text);
     if bound_elsewhere(origin) {

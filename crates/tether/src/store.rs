@@ -38,6 +38,10 @@ use thiserror::Error;
 pub const DEFAULT_INACTIVE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How often expired sessions are looked for: 1 h, as upstream's default provider.
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// The most sessions a [`MemoryStore`] keeps by default: 100 000.
+pub const DEFAULT_MEMORY_MAX_SESSIONS: usize = 100_000;
+/// The most bytes of session text a [`MemoryStore`] keeps by default: 256 MiB.
+pub const DEFAULT_MEMORY_MAX_BYTES: usize = 256 << 20;
 
 /// A session store failed.
 #[derive(Debug, Error)]
@@ -164,17 +168,70 @@ impl Entry {
 /// Sessions in this process's memory (the default). Inactive sessions expire after
 /// [`DEFAULT_INACTIVE_LIFETIME`]; expired ones are swept at most every
 /// [`DEFAULT_PURGE_INTERVAL`], during other operations, so the store needs no timer task.
+///
+/// Bounded: at most [`DEFAULT_MEMORY_MAX_SESSIONS`] sessions and
+/// [`DEFAULT_MEMORY_MAX_BYTES`] of session text (see [`MemoryStore::with_limits`]); past
+/// either, the sessions written longest ago are dropped, with a log line (rate-limited), so a
+/// client creating and abandoning sessions cannot grow the process without bound.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<MemoryInner>,
     lifetime: Duration,
     purge_interval: Duration,
+    max_sessions: usize,
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct MemoryInner {
-    entries: HashMap<String, Entry>,
+    entries: HashMap<String, (Entry, u64)>,
+    /// Ids in write order with the write's sequence number; an id whose entry was written
+    /// again or removed since is skipped when it comes up. Compacted when it holds more than
+    /// twice the entries.
+    order: std::collections::VecDeque<(u64, String)>,
+    next_seq: u64,
+    bytes: usize,
     last_purge: u64,
+    /// When a drop was last logged, and how many were not logged since.
+    dropped_log: (u64, u64),
+}
+
+impl MemoryInner {
+    fn insert(&mut self, id: &str, entry: Entry) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += entry.value.len() + id.len();
+        if let Some((old, _)) = self.entries.insert(id.to_owned(), (entry, seq)) {
+            self.bytes -= old.value.len() + id.len();
+        }
+        self.order.push_back((seq, id.to_owned()));
+        if self.order.len() > 2 * self.entries.len() + 16 {
+            let entries = &self.entries;
+            self.order
+                .retain(|(seq, id)| entries.get(id).is_some_and(|(_, s)| s == seq));
+        }
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let (entry, _) = self.entries.remove(id)?;
+        self.bytes -= entry.value.len() + id.len();
+        Some(entry)
+    }
+
+    /// Drops the oldest writes until within both caps; returns how many went.
+    fn shrink_to(&mut self, max_sessions: usize, max_bytes: usize) -> usize {
+        let mut dropped = 0;
+        while self.entries.len() > max_sessions || self.bytes > max_bytes {
+            let Some((seq, id)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&id).is_some_and(|(_, s)| *s == seq) {
+                self.remove(&id);
+                dropped += 1;
+            }
+        }
+        dropped
+    }
 }
 
 impl Default for MemoryStore {
@@ -199,7 +256,18 @@ impl MemoryStore {
             }),
             lifetime,
             purge_interval,
+            max_sessions: DEFAULT_MEMORY_MAX_SESSIONS,
+            max_bytes: DEFAULT_MEMORY_MAX_BYTES,
         }
+    }
+
+    /// Keeps at most `max_sessions` sessions and `max_bytes` of session text (ids included);
+    /// past either, the sessions written longest ago are dropped, with a log line at most
+    /// every 5 s. Defaults [`DEFAULT_MEMORY_MAX_SESSIONS`] and [`DEFAULT_MEMORY_MAX_BYTES`].
+    pub fn with_limits(mut self, max_sessions: usize, max_bytes: usize) -> Self {
+        self.max_sessions = max_sessions;
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// How many sessions are stored (active or not yet purged).
@@ -221,9 +289,16 @@ impl MemoryStore {
         let now = now_ms();
         let mut inner = self.lock();
         inner.last_purge = now;
-        let before = inner.entries.len();
-        inner.entries.retain(|_, e| !e.expired(now, self.lifetime));
-        before - inner.entries.len()
+        let expired: Vec<String> = inner
+            .entries
+            .iter()
+            .filter(|(_, (e, _))| e.expired(now, self.lifetime))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            inner.remove(id);
+        }
+        expired.len()
     }
 
     fn maybe_purge(&self) {
@@ -241,12 +316,12 @@ impl SessionStore for MemoryStore {
         let now = now_ms();
         let mut inner = self.lock();
         let found = match inner.entries.get_mut(id) {
-            Some(e) if !e.expired(now, self.lifetime) => {
+            Some((e, _)) if !e.expired(now, self.lifetime) => {
                 e.inactive_since = None;
                 Some(e.value.clone())
             }
             Some(_) => {
-                inner.entries.remove(id);
+                inner.remove(id);
                 None
             }
             None => None,
@@ -256,25 +331,44 @@ impl SessionStore for MemoryStore {
 
     fn set<'a>(&'a self, id: &'a str, session: String) -> BoxFuture<'a, Result<(), StoreError>> {
         self.maybe_purge();
-        self.lock().entries.insert(
-            id.to_owned(),
+        let mut inner = self.lock();
+        inner.insert(
+            id,
             Entry {
                 value: session,
                 inactive_since: None,
             },
         );
+        let dropped = inner.shrink_to(self.max_sessions, self.max_bytes) as u64;
+        if dropped > 0 {
+            // One line per 5 s at most: an attack drops many in a row.
+            let now = now_ms();
+            let (last, held_back) = inner.dropped_log;
+            if now.saturating_sub(last) >= 5_000 {
+                inner.dropped_log = (now, 0);
+                tracing::warn!(
+                    dropped = dropped + held_back,
+                    sessions = inner.entries.len(),
+                    bytes = inner.bytes,
+                    "memory session store full: the oldest sessions were dropped"
+                );
+            } else {
+                inner.dropped_log.1 += dropped;
+            }
+        }
+        drop(inner);
         Box::pin(async { Ok(()) })
     }
 
     fn set_inactive<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        if let Some(e) = self.lock().entries.get_mut(id) {
+        if let Some((e, _)) = self.lock().entries.get_mut(id) {
             e.inactive_since = Some(now_ms());
         }
         Box::pin(async { Ok(()) })
     }
 
     fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.lock().entries.remove(id);
+        self.lock().remove(id);
         Box::pin(async { Ok(()) })
     }
 }
@@ -639,7 +733,38 @@ mod tests {
         store.set("a", "A".into()).await.unwrap();
         store.set_inactive("a").await.unwrap();
         assert_eq!(store.get("a").await.unwrap().as_deref(), Some("A"));
-        assert!(store.lock().entries["a"].inactive_since.is_none());
+        assert!(store.lock().entries["a"].0.inactive_since.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_memory_store_drops_the_oldest_writes() {
+        let store = MemoryStore::new().with_limits(3, usize::MAX);
+        for id in ["a", "b", "c", "d"] {
+            store.set(id, id.to_uppercase()).await.unwrap();
+        }
+        assert_eq!(store.len(), 3);
+        assert_eq!(store.get("a").await.unwrap(), None);
+        // Writing "b" again makes it the newest: "c" goes next.
+        store.set("b", "B2".into()).await.unwrap();
+        store.set("e", "E".into()).await.unwrap();
+        assert_eq!(store.get("c").await.unwrap(), None);
+        assert_eq!(store.get("b").await.unwrap().as_deref(), Some("B2"));
+        // By bytes: text and id count.
+        let store = MemoryStore::new().with_limits(usize::MAX, 10);
+        store.set("x", "1234".into()).await.unwrap();
+        store.set("y", "1234".into()).await.unwrap();
+        assert_eq!(store.lock().bytes, 10);
+        store.set("z", "1".into()).await.unwrap();
+        assert_eq!(store.get("x").await.unwrap(), None);
+        assert_eq!(store.lock().bytes, 7);
+        store.remove("y").await.unwrap();
+        assert_eq!(store.lock().bytes, 2);
+        // Many rewrites of one id keep the order queue bounded.
+        for _ in 0..1000 {
+            store.set("z", "1".into()).await.unwrap();
+        }
+        let len = store.len();
+        assert!(store.lock().order.len() <= 2 * len + 17);
     }
 
     #[cfg(feature = "redb")]
