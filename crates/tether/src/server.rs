@@ -319,6 +319,7 @@ impl ServerBuilder {
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 client_expiration: self.client_expiration,
                 guard: crate::guard::Guard::new(self.guards),
+                observers: RwLock::new(Vec::new()),
                 events,
                 shutdown: shutdown_tx,
             }),
@@ -350,7 +351,12 @@ struct Inner {
     cluster: Option<crate::cluster::Cluster>,
     /// Binding, throttles, detached-session caps, store deadlines.
     guard: crate::guard::Guard,
+    /// Told of every broadcast this node delivers ([`Server::on_broadcast`]).
+    observers: RwLock<Vec<BroadcastObserver>>,
 }
+
+/// A [`Server::on_broadcast`] callback.
+type BroadcastObserver = Arc<dyn Fn(&str, &str, &Value) + Send + Sync>;
 
 /// The most recently discarded session ids, at most [`Tombstones::MAX`] (the oldest go first;
 /// by then any stale store copy has usually expired too).
@@ -844,8 +850,30 @@ impl Server {
         self.queue_local(iface, event, &args)
     }
 
+    /// Calls `f(iface, event, args)` (`args` the array) for every broadcast this node
+    /// delivers to its clients — its own and, in a [cluster](ServerBuilder::cluster), those
+    /// of the other nodes — just before they are queued, in delivery order. For bridges to
+    /// clients of other protocols (the example's conductor signals); keep it quick, it runs on
+    /// the broadcasting task.
+    pub fn on_broadcast(&self, f: impl Fn(&str, &str, &Value) + Send + Sync + 'static) {
+        self.inner
+            .observers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(f));
+    }
+
     /// Queues an event for this node's clients only (`args` a JSTP array known to encode).
     fn queue_local(&self, iface: &str, event: &str, args: &Value) -> Vec<Connection> {
+        let observers = self
+            .inner
+            .observers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for f in observers {
+            f(iface, event, args);
+        }
         let prepared = PreparedEvent::new(iface, event, args);
         self.sessions()
             .into_iter()

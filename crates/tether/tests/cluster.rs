@@ -238,3 +238,46 @@ async fn measure_events_per_second_across_two_nodes() {
     );
     conn.close().await;
 }
+
+/// A chat message published on another node reaches this node's `ChatHub` listeners (the
+/// example's bridge to conductor clients), through `Server::on_broadcast`, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_nodes_chat_reaches_the_chat_hub_listeners() {
+    let port = free_port();
+    let _redis = redis_server(port).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let a_cluster = within(
+        LIMIT,
+        "A's join",
+        Cluster::join(ClusterOptions::builder(&url).node_id("a").build().unwrap()),
+    )
+    .await
+    .expect("join");
+    let chat_a = ChatHub::new();
+    let a = Server::builder()
+        .application(test_app(chat_a.clone()))
+        .cluster(a_cluster)
+        .build()
+        .expect("server");
+    chat_a.bind(&a);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    chat_a.on_message(move |_user, text| {
+        let _ = tx.send(text.clone());
+    });
+    let (b, _) = node(ClusterOptions::builder(&url).node_id("b").build().unwrap()).await;
+    for text in ["one", "two"] {
+        b.broadcast("chat", "message", chat(text));
+    }
+    // A's own broadcasts reach its listeners too, and other events do not.
+    a.broadcast("other", "message", chat("not chat"));
+    a.broadcast("chat", "message", chat("three"));
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let text = within(LIMIT, "a chat message on A's hub", rx.recv())
+            .await
+            .expect("listener dropped");
+        seen.push(text.to_js_string());
+    }
+    seen.sort_by_key(|t| t != "three");
+    assert_eq!(seen, ["three", "one", "two"]);
+}

@@ -215,9 +215,18 @@ impl ChatHub {
         Self::default()
     }
 
-    /// Binds the hub to its server.
+    /// Binds the hub to its server. Chat messages the server delivers — broadcast here or, in
+    /// a cluster, on another node — go to the [`ChatHub::on_message`] listeners.
     pub fn bind(&self, server: &Server) {
-        let _ = self.server.set(server.clone());
+        if self.server.set(server.clone()).is_ok() {
+            // Only the listeners, not the hub: the hub holds the server.
+            let listeners = self.listeners.clone();
+            server.on_broadcast(move |iface, event, args| {
+                if let Some(args) = args.as_array() {
+                    notify(&listeners, iface, event, args);
+                }
+            });
+        }
     }
 
     /// Calls `f(user, text)` for every chat message from now on.
@@ -231,7 +240,6 @@ impl ChatHub {
     /// Broadcasts to every client of the bound server; returns how many got it. A
     /// `chat.message(user, text)` also goes to the [`ChatHub::on_message`] listeners.
     pub fn broadcast(&self, iface: &str, event: &str, args: Vec<Value>) -> usize {
-        self.notify(iface, event, &args);
         self.server
             .get()
             .map_or(0, |s| s.broadcast(iface, event, args))
@@ -246,7 +254,6 @@ impl ChatHub {
         event: &str,
         args: Vec<Value>,
     ) -> impl std::future::Future<Output = usize> + Send + 'static {
-        self.notify(iface, event, &args);
         let queued = self
             .server
             .get()
@@ -258,17 +265,14 @@ impl ChatHub {
             }
         }
     }
+}
 
-    fn notify(&self, iface: &str, event: &str, args: &[Value]) {
-        if let (("chat", "message"), [user, text]) = ((iface, event), args) {
-            let listeners = self
-                .listeners
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            for f in listeners {
-                f(user, text);
-            }
+/// Tells `listeners` of a `chat.message(user, text)`.
+fn notify(listeners: &Mutex<Vec<ChatListener>>, iface: &str, event: &str, args: &[Value]) {
+    if let (("chat", "message"), [user, text]) = ((iface, event), args) {
+        let listeners = listeners.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for f in listeners {
+            f(user, text);
         }
     }
 }
