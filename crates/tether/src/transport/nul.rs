@@ -7,9 +7,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tether_wire::{FrameError, NulFramer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, Encoder, FramedWrite};
 
-/// Initial capacity of the socket read buffer of a NUL-framed transport.
+/// Size of the per-thread scratch buffer a NUL-framed transport reads the socket into (the
+/// most one read takes).
 pub const READ_BUFFER_SIZE: usize = 8 * 1024;
 
 /// After this many bytes have passed through a framer, it is replaced by a fresh one at the
@@ -48,6 +49,18 @@ impl NulCodec {
         }
     }
 
+    /// Hands bytes read from the socket to the framer.
+    fn push(&mut self, bytes: &[u8]) {
+        if self.pushed > FRAMER_RECYCLE_BYTES && self.framer.buffered() == 0 && !self.failed {
+            // At a message boundary: drop the framer's buffer, which keeps the capacity of
+            // the largest message seen.
+            self.framer = NulFramer::new(self.framer.max_message_size());
+            self.pushed = 0;
+        }
+        self.framer.push(bytes);
+        self.pushed = self.pushed.saturating_add(bytes.len());
+    }
+
     /// The configured maximum incoming message size.
     pub fn max_message_size(&self) -> usize {
         self.framer.max_message_size()
@@ -67,15 +80,8 @@ impl Decoder for NulCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<String>, TransportError> {
         if !src.is_empty() {
-            if self.pushed > FRAMER_RECYCLE_BYTES && self.framer.buffered() == 0 && !self.failed {
-                // At a message boundary: drop the framer's buffer, which keeps the capacity of
-                // the largest message seen.
-                self.framer = NulFramer::new(self.framer.max_message_size());
-                self.pushed = 0;
-            }
             // The framer keeps the partial message, so the socket buffer stays small.
-            self.framer.push(src);
-            self.pushed = self.pushed.saturating_add(src.len());
+            self.push(src);
             src.clear();
         }
         let next = self.framer.next_message().transpose();
@@ -145,9 +151,7 @@ where
     R: AsyncRead + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let incoming = NulIncoming {
-        inner: FramedRead::with_capacity(Box::pin(read), NulCodec::new(max_message_size), 0),
-    };
+    let incoming = NulIncoming::new(read, max_message_size);
     let mut inner = FramedWrite::new(write, NulCodec::new(max_message_size));
     // Allocated on the first write, not up front: idle connections keep no write buffer.
     *inner.write_buffer_mut() = BytesMut::new();
@@ -162,26 +166,84 @@ where
     }
 }
 
-/// [`FramedRead`] whose socket buffer exists only while bytes are being read: it is made
-/// ([`READ_BUFFER_SIZE`]) when a read starts and released when the socket has nothing more, so
-/// an idle connection holds no read buffer.
+/// The read side of a NUL-framed transport. It owns no socket buffer: each read goes into a
+/// per-thread scratch buffer of [`READ_BUFFER_SIZE`] bytes and straight on into the framer,
+/// which keeps only a partial message. An idle connection so holds no read buffer, and a busy
+/// one allocates none per read (a per-connection buffer made and released around every
+/// pending read cost a large malloc and free per driver step).
 struct NulIncoming<R> {
-    inner: FramedRead<Pin<Box<R>>, NulCodec>,
+    read: Pin<Box<R>>,
+    codec: NulCodec,
+    /// The peer closed its side: what the framer holds is all there is.
+    eof: bool,
+    /// An error was returned: the stream is over, as after `FramedRead`'s errors.
+    errored: bool,
+}
+
+impl<R: AsyncRead> NulIncoming<R> {
+    fn new(read: R, max_message_size: usize) -> Self {
+        NulIncoming {
+            read: Box::pin(read),
+            codec: NulCodec::new(max_message_size),
+            eof: false,
+            errored: false,
+        }
+    }
+}
+
+thread_local! {
+    /// Scratch space for socket reads; its bytes are copied into a framer before the read
+    /// returns, so one buffer per thread serves every connection polled on it.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_BUFFER_SIZE].into_boxed_slice());
 }
 
 impl<R: AsyncRead> futures::Stream for NulIncoming<R> {
     type Item = Result<String, TransportError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let inner = &mut self.inner;
-        if inner.read_buffer().capacity() == 0 {
-            inner.read_buffer_mut().reserve(READ_BUFFER_SIZE);
+        let this = &mut *self;
+        if this.errored {
+            return Poll::Ready(None);
         }
-        let next = Pin::new(&mut *inner).poll_next(cx);
-        if next.is_pending() && inner.read_buffer().is_empty() {
-            *inner.read_buffer_mut() = BytesMut::new();
+        loop {
+            let mut none = BytesMut::new();
+            let next = if this.eof {
+                this.codec.decode_eof(&mut none)
+            } else {
+                this.codec.decode(&mut none)
+            };
+            match next {
+                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                Ok(None) if this.eof => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => {
+                    this.errored = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let mut read_into = |buf: &mut [u8]| {
+                let mut buf = tokio::io::ReadBuf::new(buf);
+                let polled = this.read.as_mut().poll_read(cx, &mut buf);
+                if let Poll::Ready(Ok(())) = polled {
+                    if buf.filled().is_empty() {
+                        this.eof = true;
+                    } else {
+                        this.codec.push(buf.filled());
+                    }
+                }
+                polled
+            };
+            let read = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+                Ok(mut scratch) => read_into(&mut scratch[..]),
+                // Only if a reader polled another NUL stream from inside its own read.
+                Err(_) => read_into(&mut vec![0; READ_BUFFER_SIZE]),
+            });
+            if let Err(e) = ready!(read) {
+                this.errored = true;
+                return Poll::Ready(Some(Err(TransportError::Io(e))));
+            }
         }
-        next
     }
 }
 
@@ -249,6 +311,32 @@ mod tests {
         assert_eq!(c.pushed, 3, "recycled before the new bytes");
         buf.extend_from_slice(b"1}\0");
         assert_eq!(c.decode(&mut buf).unwrap().as_deref(), Some("{a:1}"));
+    }
+
+    #[tokio::test]
+    async fn incoming_frames_across_reads_and_ends_at_eof_or_error() {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut incoming = NulIncoming::new(ours, 8);
+        peer.write_all(b"{a:1}\0{b:").await.unwrap();
+        assert_eq!(incoming.next().await.unwrap().unwrap(), "{a:1}");
+        peer.write_all(b"2}\0{c").await.unwrap();
+        assert_eq!(incoming.next().await.unwrap().unwrap(), "{b:2}");
+        // The partial `{c` is discarded when the peer closes.
+        drop(peer);
+        assert!(incoming.next().await.is_none());
+
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut incoming = NulIncoming::new(ours, 4);
+        peer.write_all(b"123456789").await.unwrap();
+        assert!(matches!(
+            incoming.next().await,
+            Some(Err(TransportError::Frame(FrameError::TooLarge {
+                limit: 4
+            })))
+        ));
+        assert!(incoming.next().await.is_none(), "nothing after an error");
     }
 
     #[tokio::test]
