@@ -545,8 +545,16 @@ impl<'a> Parser<'a> {
             exp = &self.src[self.pos..self.pos + exp_len];
             self.pos += exp_len;
         }
-        // Rebuild in a form Rust's (correctly rounding) float parser always reads.
         let int = &self.src[int_start..int_start + int_len];
+        // Fast path for plain integers (every message id): up to 15 digits is below 2^53, so
+        // the value is exact and needs neither the float parser nor a rebuilt string.
+        if frac.is_empty() && exp.is_empty() && int_len <= 15 {
+            let value = int
+                .bytes()
+                .fold(0u64, |acc, b| acc * 10 + u64::from(b - b'0'));
+            return Ok(value as f64);
+        }
+        // Rebuild in a form Rust's (correctly rounding) float parser always reads.
         let mut text = String::with_capacity(int.len() + frac.len() + exp.len() + 5);
         text.push_str(if int.is_empty() { "0" } else { int });
         if !frac.is_empty() {
@@ -896,6 +904,9 @@ mod tests {
             ("0", 0.0),
             ("-0", -0.0),
             ("42", 42.0),
+            // The integer fast path's last length, and the first that takes the float parser.
+            ("999999999999999", 999999999999999.0),
+            ("9007199254740993", 9007199254740992.0),
             ("+42", 42.0),
             ("-42", -42.0),
             ("1.5", 1.5),
