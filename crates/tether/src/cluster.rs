@@ -82,6 +82,7 @@ pub enum ClusterError {
 
 /// How a node joins its cluster. Build with [`ClusterOptions::builder`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClusterOptions {
     url: String,
     node_id: String,

@@ -37,6 +37,7 @@ pub enum TlsMode {
 
 /// Server options. Every limit is per server unless its name says otherwise.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ServerOptions {
     on_stream: StreamHandler,
     on_error: Option<ErrorHandler>,

@@ -21,6 +21,7 @@ use thiserror::Error;
 
 /// Why an address is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum AddressError {
     /// The address (or one of its alternatives or protocols) is empty.
     #[error("empty address component")]

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 /// What can go wrong in the hub.
 #[derive(Debug, Clone, Error)]
+#[non_exhaustive]
 pub enum HubError {
     /// The hub was closed.
     #[error("this hub is closed")]

@@ -90,6 +90,7 @@ impl std::fmt::Debug for Transport {
 
 /// Transport-level failures.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// A socket error.
     #[error("i/o error: {0}")]
