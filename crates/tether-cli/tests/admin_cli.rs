@@ -159,6 +159,13 @@ async fn metrics_match_a_scripted_workload() {
     assert_eq!(value(&s, "tether_connections_opened_total", &tcp_jstp), 1.0);
     assert_eq!(value(&s, "tether_connections", &tcp_jstp), 1.0);
     assert_eq!(value(&s, "tether_events_sent_total", &[]), 1.0);
+    // The chat event waits in the session's resend buffer until the client confirms it (no
+    // message of the client's has done so yet): the live gauge holds its bytes.
+    let held = value(&s, "tether_resend_buffer_held_bytes", &[]);
+    assert!(
+        held > 0.0 && held < 4096.0,
+        "resend buffer holds {held} bytes"
+    );
     // The new session was written through to the store.
     assert!(
         value(

@@ -21,6 +21,7 @@
 //! | [`SESSIONS_DETACHED_NOW`] | gauge | |
 //! | [`SLOW_CONSUMERS`] | counter | |
 //! | [`RESEND_BUFFER_BYTES`] | histogram (bytes) | |
+//! | [`RESEND_BUFFER_HELD`] | gauge (bytes) | |
 //! | [`STORE_OPERATIONS`] | counter | `op`, `outcome` |
 //! | [`STORE_DURATION`] | histogram (seconds) | `op` |
 
@@ -61,6 +62,10 @@ pub const SESSIONS_EXPIRED: &str = "tether_sessions_expired_total";
 pub const SLOW_CONSUMERS: &str = "tether_slow_consumers_total";
 /// Resend-buffer bytes a session held when its transport was lost or it was ended as slow.
 pub const RESEND_BUFFER_BYTES: &str = "tether_resend_buffer_bytes";
+/// Bytes held now in the resend buffers of every session of this process (unconfirmed
+/// messages, attached or detached). Counted while per-call timing is [`enable`]d: enable it
+/// before the first connection.
+pub const RESEND_BUFFER_HELD: &str = "tether_resend_buffer_held_bytes";
 /// Session-store operations by `op` (`get`, `set`, `set_inactive`, `remove`) and `outcome`.
 pub const STORE_OPERATIONS: &str = "tether_store_operations_total";
 /// Session-store operation latency by `op`.
@@ -156,6 +161,14 @@ pub(crate) fn session_detached(session: Option<&tether_wire::session::Session>) 
     metrics::counter!(SESSIONS_DETACHED).increment(1);
     metrics::gauge!(SESSIONS_DETACHED_NOW).increment(1.0);
     metrics::histogram!(RESEND_BUFFER_BYTES).record(buffered_bytes as f64);
+}
+
+/// A session's resend buffer went from `before` to `now` bytes (only while [`enabled`]: this
+/// runs on every driver step that sends).
+pub(crate) fn resend_buffer_changed(before: usize, now: usize) {
+    if before != now && enabled() {
+        metrics::gauge!(RESEND_BUFFER_HELD).increment(now as f64 - before as f64);
+    }
 }
 
 /// A server connection's session left the detached state (restored, expired or closed), if

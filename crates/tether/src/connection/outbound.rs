@@ -85,6 +85,7 @@ impl Flow {
     pub(crate) fn update(&self, session: Option<&Session>, attached: bool) {
         let (bytes, messages) = session.map_or((0, 0), |s| (s.buffered_bytes(), s.buffered_len()));
         let before = self.buffered_bytes.swap(bytes, Ordering::AcqRel);
+        crate::metrics::resend_buffer_changed(before, bytes);
         self.buffered_messages.store(messages, Ordering::Release);
         let state = if attached { ATTACHED } else { DETACHED };
         let old_state = self.state.swap(state, Ordering::AcqRel);
@@ -96,6 +97,9 @@ impl Flow {
     /// The connection is closed for good: nobody waits any more.
     pub(crate) fn close(&self) {
         self.state.store(CLOSED, Ordering::Release);
+        // The session's buffer goes with the connection.
+        let held = self.buffered_bytes.swap(0, Ordering::AcqRel);
+        crate::metrics::resend_buffer_changed(held, 0);
         self.room.notify_waiters();
     }
 
