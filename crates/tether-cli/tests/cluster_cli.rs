@@ -331,3 +331,90 @@ fn a_node_is_named_by_host_and_pid_unless_told_and_bad_cluster_flags_are_usage_e
     let out = tether(&["serve", "--tcp", "127.0.0.1:0", "--node-id", "a"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// A node's `/metrics` counts the cluster's traffic: what it delivered from other nodes, what
+/// it published, and that its Redis link is up.
+#[test]
+fn a_nodes_metrics_count_the_cluster_traffic() {
+    let (_redis, url) = redis();
+    let mut a = spawn_serve(
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--cluster",
+            &url,
+            "--node-id",
+            "a",
+        ],
+        true,
+    );
+    let admin = a.first["admin"]
+        .as_str()
+        .expect("the admin address")
+        .to_owned();
+    let a_url = format!("jstp://{}", a.first["tcp"][0].as_str().unwrap());
+    log(&mut a).find("the cluster join", |l| l.contains("cluster joined"));
+    let (_b, b_url) = node(&url, "b");
+    let (_la, mut on_a) = listen(&a_url);
+    send(&b_url, "one");
+    send(&b_url, "two");
+    send(&a_url, "three");
+    assert_eq!(texts_until(&mut on_a, "three"), ["one", "two", "three"]);
+
+    let out = common::run(
+        Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "20",
+            &format!("http://{admin}/metrics"),
+        ]),
+        "curl /metrics",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+    };
+    assert_eq!(
+        sample("tether_cluster_events_total{kind=\"delivered\"}"),
+        2.0
+    );
+    assert_eq!(sample("tether_cluster_connected"), 1.0);
+    // What A published reaches the stream (its publisher may still be writing it).
+    within_published(&admin, 1.0);
+}
+
+/// Polls `/metrics` until A's published count is `n` (its publisher appends in the background).
+fn within_published(admin: &str, n: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = common::run(
+            Command::new("curl").args([
+                "-sS",
+                "--max-time",
+                "20",
+                &format!("http://{admin}/metrics"),
+            ]),
+            "curl /metrics",
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let published = text
+            .lines()
+            .find(|l| l.starts_with("tether_cluster_events_total{kind=\"published\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if published == Some(n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "published never reached {n}:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -240,19 +240,22 @@ struct Common {
 }
 
 impl Common {
-    fn count(&self, counter: &AtomicU64, n: u64) -> u64 {
+    fn count(&self, counter: &AtomicU64, what: &'static str, n: u64) -> u64 {
         let total = counter.fetch_add(n, Ordering::Relaxed) + n;
+        crate::metrics::cluster_events(what, n);
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         total
     }
 
     fn down(&self, error: &redis::RedisError) {
         self.link.down(&self.options.node_id, error);
+        crate::metrics::cluster_connected(false);
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     fn up(&self) {
         self.link.up(&self.options.node_id);
+        crate::metrics::cluster_connected(true);
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 }
@@ -413,7 +416,7 @@ impl Cluster {
         };
         if let Err(mpsc::error::TrySendError::Full(out)) = p.tx.try_send(out) {
             let common = &self.handle.common;
-            let dropped = common.count(&common.counters.dropped, 1);
+            let dropped = common.count(&common.counters.dropped, "dropped", 1);
             if common.link.outbox_log.allow() {
                 tracing::warn!(
                     node = %common.options.node_id,
@@ -596,7 +599,7 @@ async fn publish_loop(
             match pipe.query_async::<()>(c).await {
                 Ok(()) => {
                     common.up();
-                    common.count(&common.counters.published, batch.len() as u64);
+                    common.count(&common.counters.published, "published", batch.len() as u64);
                     backoff.reset();
                     break;
                 }
@@ -705,12 +708,12 @@ async fn read_loop(
         let n = entries.len();
         for entry in entries {
             let Some((id, fields)) = entry else {
-                common.count(&common.counters.malformed, 1);
+                common.count(&common.counters.malformed, "malformed", 1);
                 continue;
             };
             last = Some(id.clone());
             let Some(ev) = Incoming::decode(&fields) else {
-                common.count(&common.counters.malformed, 1);
+                common.count(&common.counters.malformed, "malformed", 1);
                 tracing::warn!(node = %o.node_id, entry = %id, "cluster entry malformed, skipped");
                 continue;
             };
@@ -722,13 +725,13 @@ async fn read_loop(
             match seen {
                 Some(origin) if ev.seq <= origin.seq => {
                     origin.touched = touched;
-                    common.count(&common.counters.duplicates, 1);
+                    common.count(&common.counters.duplicates, "duplicates", 1);
                     continue;
                 }
                 Some(origin) => {
                     if ev.seq > origin.seq + 1 {
                         let missed = ev.seq - origin.seq - 1;
-                        common.count(&common.counters.missed, missed);
+                        common.count(&common.counters.missed, "missed", missed);
                         tracing::warn!(
                             node = %o.node_id,
                             from_node = %ev.node,
@@ -761,7 +764,7 @@ async fn read_loop(
                 }
             }
             deliver(&ev.iface, &ev.event, ev.args).await;
-            common.count(&common.counters.delivered, 1);
+            common.count(&common.counters.delivered, "delivered", 1);
             caught += 1;
         }
         if catching_up && n < READ_COUNT {

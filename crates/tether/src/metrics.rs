@@ -22,6 +22,8 @@
 //! | [`SLOW_CONSUMERS`] | counter | |
 //! | [`RESEND_BUFFER_BYTES`] | histogram (bytes) | |
 //! | [`RESEND_BUFFER_HELD`] | gauge (bytes) | |
+//! | [`CLUSTER_EVENTS`] | counter | `kind`: `published`, `delivered`, `dropped`, `missed`, `duplicates`, `malformed` |
+//! | [`CLUSTER_CONNECTED`] | gauge (0/1) | |
 //! | [`STORE_OPERATIONS`] | counter | `op`, `outcome` |
 //! | [`STORE_DURATION`] | histogram (seconds) | `op` |
 
@@ -66,6 +68,13 @@ pub const RESEND_BUFFER_BYTES: &str = "tether_resend_buffer_bytes";
 /// messages, attached or detached). Counted while per-call timing is [`enable`]d: enable it
 /// before the first connection.
 pub const RESEND_BUFFER_HELD: &str = "tether_resend_buffer_held_bytes";
+/// Cluster traffic by `kind`: events this node `published` to the stream, events of other
+/// nodes `delivered` to its clients, events it `dropped` (its outbox overflowed while Redis
+/// was away), events of other nodes it `missed` (gaps), `duplicates` skipped, `malformed`
+/// entries.
+pub const CLUSTER_EVENTS: &str = "tether_cluster_events_total";
+/// Whether the node's link to the cluster's Redis is up (1) or down (0).
+pub const CLUSTER_CONNECTED: &str = "tether_cluster_connected";
 /// Session-store operations by `op` (`get`, `set`, `set_inactive`, `remove`) and `outcome`.
 pub const STORE_OPERATIONS: &str = "tether_store_operations_total";
 /// Session-store operation latency by `op`.
@@ -169,6 +178,18 @@ pub(crate) fn resend_buffer_changed(before: usize, now: usize) {
     if before != now && enabled() {
         metrics::gauge!(RESEND_BUFFER_HELD).increment(now as f64 - before as f64);
     }
+}
+
+/// `n` cluster events of `kind` (see [`CLUSTER_EVENTS`]).
+#[cfg(feature = "cluster")]
+pub(crate) fn cluster_events(kind: &'static str, n: u64) {
+    metrics::counter!(CLUSTER_EVENTS, "kind" => kind).increment(n);
+}
+
+/// The cluster's Redis link went up or down.
+#[cfg(feature = "cluster")]
+pub(crate) fn cluster_connected(up: bool) {
+    metrics::gauge!(CLUSTER_CONNECTED).set(if up { 1.0 } else { 0.0 });
 }
 
 /// A server connection's session left the detached state (restored, expired or closed), if
