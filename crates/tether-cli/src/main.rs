@@ -4,10 +4,10 @@
 mod admin;
 mod bench;
 mod conductor;
-mod guard_args;
 mod config;
-mod hub;
+mod guard_args;
 mod http;
+mod hub;
 mod json;
 mod load;
 mod logging;

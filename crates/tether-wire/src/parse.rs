@@ -1005,11 +1005,17 @@ mod tests {
         assert_eq!(units(r"'\ud800\n'"), [0xd800, 0x0a]);
         assert_eq!(units(r"'\ude00'"), [0xde00]);
         assert_eq!(units(r"'\ude00\ud83d'"), [0xde00, 0xd83d]);
-        assert_eq!(units(r"'a\ud83d\ud83d\ude00é'"), [0x61, 0xd83d, 0xd83d, 0xde00, 0xe9]);
+        assert_eq!(
+            units(r"'a\ud83d\ud83d\ude00é'"),
+            [0x61, 0xd83d, 0xd83d, 0xde00, 0xe9]
+        );
         assert_eq!(units(r"'\u{d800}'"), [0xd800]);
         // Keys have no UTF-16 form: the lone surrogate becomes U+FFFD there.
         let obj = parse(r"{'k\ud800':1}").unwrap();
-        assert_eq!(obj.as_object().unwrap().get("k\u{fffd}"), Some(&Value::from(1)));
+        assert_eq!(
+            obj.as_object().unwrap().get("k\u{fffd}"),
+            Some(&Value::from(1))
+        );
         // The serializer writes each lone surrogate back as the escape it came from.
         for text in [r"'\ud800x'", r"'\ude00\ud83d'", r"'é\ud800\n\'\udfff'"] {
             let v = parse(text).unwrap();

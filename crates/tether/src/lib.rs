@@ -84,7 +84,7 @@ pub use client::{
 pub use connection::{Connection, ConnectionConfig, ConnectionEvent, RemoteProxy, Role};
 pub use error::{Error, RemoteError};
 pub use server::{AuthPolicy, AuthRequest, LoginPolicy, Server, ServerBuilder, ServerEvent};
+pub use tether_macros::interface;
 pub use tether_wire::{from_value, to_value, Auth, ErrorCode, Value, ValueError};
 pub use transport::{Endpoint, TransportError, TransportKind};
 pub use typed::{TypedBroadcast, TypedConnection, TypedError, TypedProxy};
-pub use tether_macros::interface;

@@ -717,12 +717,18 @@ mod tests {
         #[cfg(not(feature = "redis"))]
         assert!(matches!(
             open("redis://127.0.0.1:1").await,
-            Err(StoreError::FeatureDisabled { feature: "redis", .. })
+            Err(StoreError::FeatureDisabled {
+                feature: "redis",
+                ..
+            })
         ));
         #[cfg(not(feature = "redb"))]
         assert!(matches!(
             open("/tmp/tether-no-redb/sessions.redb").await,
-            Err(StoreError::FeatureDisabled { feature: "redb", .. })
+            Err(StoreError::FeatureDisabled {
+                feature: "redb",
+                ..
+            })
         ));
         assert!(open("memory").await.is_ok());
     }
