@@ -1224,3 +1224,102 @@ fn http_status(source: &(dyn std::error::Error + Send + Sync + 'static)) -> Opti
         _ => None,
     }
 }
+
+/// A client that stops reading while signals pile up is closed with 1008 and reported as a
+/// slow consumer once its queue is full — never left to miss signals quietly — while a client
+/// that reads gets every signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_for_its_signals_is_closed_not_skipped() {
+    use tether::conductor::{ConductorServerEvent, CLIENT_QUEUE};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let server = our_server();
+    let mut events = server.events();
+    let addr = within("listen", server.listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    // The stalled client: a raw WebSocket that reads nothing until the end.
+    let tcp = within(
+        "the stalled client's connect",
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .unwrap();
+    let (mut stalled, _) = within(
+        "the stalled client's upgrade",
+        tokio_tungstenite::client_async(format!("ws://{addr}"), tcp),
+    )
+    .await
+    .unwrap();
+    let stalled_id = loop {
+        if let ConductorServerEvent::Connected(id) =
+            within("the stalled client's connect event", events.recv())
+                .await
+                .unwrap()
+        {
+            break id;
+        }
+    };
+    let reader =
+        ConductorConnection::new(format!("ws://{addr}"), ConductorOptions::default()).unwrap();
+    within("the reader's open", reader.open(None))
+        .await
+        .unwrap();
+    let mut signals = reader.signals();
+
+    // Big signals fill the stalled client's socket buffers, then its queue.
+    let payload = Value::Binary(vec![7; 32 * 1024]);
+    let sent = 2 * CLIENT_QUEUE + 512;
+    let mut slow_reported = false;
+    for _ in 0..sent {
+        server.broadcast_signal(&payload);
+        // The reader keeps up: it takes each signal as it comes.
+        within("a signal for the reader", signals.recv())
+            .await
+            .unwrap();
+        while let Ok(event) = events.try_recv() {
+            if matches!(event, ConductorServerEvent::SlowConsumer(id) if id == stalled_id) {
+                slow_reported = true;
+            }
+        }
+    }
+    let slow_reported = slow_reported
+        || within("the slow-consumer event", async {
+            loop {
+                match events.recv().await {
+                    Ok(ConductorServerEvent::SlowConsumer(id)) if id == stalled_id => break true,
+                    Ok(_) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await;
+    assert!(slow_reported);
+
+    // What the stalled client finally reads: signals, then a 1008 close — no silent gap at the
+    // end of a connection that stays open.
+    let mut received = 0usize;
+    let code = within("the stalled client's close", async {
+        loop {
+            match stalled.next().await {
+                Some(Ok(WsMessage::Binary(_))) => received += 1,
+                Some(Ok(WsMessage::Close(frame))) => break frame.map(|f| f.code),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("{e}"),
+                None => break None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, Some(CloseCode::Policy));
+    // What was still queued goes with the connection (the protocol has no resume): the
+    // close tells the client it must ask again.
+    assert!(received < sent, "received {received}");
+    // The reader was never affected.
+    assert_eq!(
+        within("answer", reader.request("answer", Value::Nil, None))
+            .await
+            .unwrap(),
+        Value::from(42)
+    );
+}

@@ -36,7 +36,7 @@ pub use client::{
 };
 pub use server::{
     example_cell_id, ConductorServer, ConductorServerBuilder, ConductorServerEvent, InputError,
-    AUTHENTICATION_TIMEOUT,
+    AUTHENTICATION_TIMEOUT, CLIENT_QUEUE,
 };
 pub use tether_wire::conductor::{CellId, Dialect, Value};
 pub use typed::{

@@ -186,10 +186,19 @@ pub enum ConductorServerEvent {
     },
     /// A client went away.
     Disconnected(u64),
+    /// A client did not read fast enough: its queue of [`CLIENT_QUEUE`] messages was full when
+    /// a signal or an answer came for it, so it was closed (1008) rather than left to miss
+    /// some. The conductor protocol has no resume; the client reconnects and asks again.
+    SlowConsumer(u64),
 }
+
+/// Messages queued for one client (answers and signals) before it counts as too slow.
+pub const CLIENT_QUEUE: usize = 1024;
 
 struct ClientSlot {
     tx: mpsc::Sender<WsMessage>,
+    /// Set once the client is found too slow; wakes its connection task to close it.
+    slow: Arc<SlowFlag>,
     /// The dialect of the client's latest request that showed one (signals follow it).
     dialect: Arc<Mutex<Dialect>>,
 }
@@ -207,6 +216,36 @@ struct ServerInner {
     events: broadcast::Sender<ConductorServerEvent>,
     /// Set by [`ConductorServer::shutdown`]: listeners stop accepting.
     shutdown: watch::Sender<bool>,
+}
+
+/// Marks a client too slow, once, and wakes its connection task.
+#[derive(Default)]
+struct SlowFlag {
+    set: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl ServerInner {
+    /// Queues `msg` for client `id`; a full queue marks the client too slow (logged and
+    /// reported once) instead of dropping the message quietly.
+    fn offer(&self, id: u64, slot: &ClientSlot, msg: WsMessage) -> bool {
+        match slot.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !slot.slow.set.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        client = id,
+                        queue = CLIENT_QUEUE,
+                        "conductor client too slow: closing it"
+                    );
+                    let _ = self.events.send(ConductorServerEvent::SlowConsumer(id));
+                    slot.slow.wake.notify_one();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
 }
 
 /// A conductor-style WebSocket server.
@@ -303,7 +342,10 @@ impl ConductorServer {
             reason: "server shutting down".into(),
         }));
         for client in lock(&self.inner.clients).values() {
-            let _ = client.tx.try_send(going_away.clone());
+            if client.tx.try_send(going_away.clone()).is_err() {
+                // No room for the close frame: its task closes it as a slow client instead.
+                client.slow.wake.notify_one();
+            }
         }
     }
 
@@ -312,21 +354,21 @@ impl ConductorServer {
         lock(&self.inner.clients).keys().copied().collect()
     }
 
-    /// Sends a signal with `payload` as is to one client; `false` if it is gone or its queue is
-    /// full.
+    /// Sends a signal with `payload` as is to one client; `false` if it is gone or too slow
+    /// (then it is closed: [`ConductorServerEvent::SlowConsumer`]).
     pub fn signal(&self, client: u64, payload: &Value) -> bool {
         let msg = signal_message(to_bytes(payload));
         lock(&self.inner.clients)
             .get(&client)
-            .is_some_and(|c| c.tx.try_send(msg).is_ok())
+            .is_some_and(|c| self.inner.offer(client, c, msg))
     }
 
     /// Sends a signal with `payload` as is to every client; returns how many got it.
     pub fn broadcast_signal(&self, payload: &Value) -> usize {
         let msg = signal_message(to_bytes(payload));
         lock(&self.inner.clients)
-            .values()
-            .filter(|c| c.tx.try_send(msg.clone()).is_ok())
+            .iter()
+            .filter(|(id, c)| self.inner.offer(**id, c, msg.clone()))
             .count()
     }
 
@@ -336,7 +378,7 @@ impl ConductorServer {
         clients.get(&client).is_some_and(|c| {
             let dialect = *lock(&c.dialect);
             let data = dialect.app_signal(&self.inner.cell_id, zome_name, signal);
-            c.tx.try_send(signal_message(data)).is_ok()
+            self.inner.offer(client, c, signal_message(data))
         })
     }
 
@@ -345,13 +387,13 @@ impl ConductorServer {
         let mut encoded: HashMap<Dialect, WsMessage> = HashMap::new();
         let clients = lock(&self.inner.clients);
         clients
-            .values()
-            .filter(|c| {
+            .iter()
+            .filter(|(id, c)| {
                 let dialect = *lock(&c.dialect);
                 let msg = encoded.entry(dialect).or_insert_with(|| {
                     signal_message(dialect.app_signal(&self.inner.cell_id, zome_name, signal))
                 });
-                c.tx.try_send(msg.clone()).is_ok()
+                self.inner.offer(**id, c, msg.clone())
             })
             .count()
     }
@@ -363,13 +405,13 @@ impl ConductorServer {
         let mut encoded: HashMap<Dialect, WsMessage> = HashMap::new();
         let clients = lock(&self.inner.clients);
         clients
-            .values()
-            .filter(|c| {
+            .iter()
+            .filter(|(id, c)| {
                 let dialect = *lock(&c.dialect);
                 let msg = encoded
                     .entry(dialect)
                     .or_insert_with(|| signal_message(dialect.system_signal(signal.clone())));
-                c.tx.try_send(msg.clone()).is_ok()
+                self.inner.offer(**id, c, msg.clone())
             })
             .count()
     }
@@ -426,18 +468,32 @@ impl ConductorServer {
                 return;
             }
         }
-        let (tx, mut outgoing) = mpsc::channel::<WsMessage>(1024);
+        let (tx, mut outgoing) = mpsc::channel::<WsMessage>(CLIENT_QUEUE);
         let dialect = Arc::new(Mutex::new(self.inner.dialect));
+        let slow = Arc::new(SlowFlag::default());
         lock(&self.inner.clients).insert(
             id,
             ClientSlot {
                 tx: tx.clone(),
                 dialect: dialect.clone(),
+                slow: slow.clone(),
             },
         );
         let _ = self.inner.events.send(ConductorServerEvent::Connected(id));
         loop {
             let bytes = tokio::select! {
+                () = slow.wake.notified() => {
+                    let frame = CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "too slow: message queue full".into(),
+                    };
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        sink.send(WsMessage::Close(Some(frame))),
+                    )
+                    .await;
+                    break;
+                }
                 Some(msg) = outgoing.recv() => {
                     if sink.send(msg).await.is_err() {
                         break;
@@ -517,14 +573,14 @@ impl ConductorServer {
             Ok(p) => p,
             Err(e) => {
                 let message = format!("Failed to deserialize request: {e}");
-                let _ = tx.try_send(respond(dialect.error("deserialization", &message)));
+                answer_later(tx, respond(dialect.error("deserialization", &message)));
                 return;
             }
         };
         let Some(handler) = self.inner.handlers.get(&method).cloned() else {
             // As the conductor: a request it cannot deserialize into a known method.
             let message = format!("unknown request type '{method}'");
-            let _ = tx.try_send(respond(dialect.error("deserialization", &message)));
+            answer_later(tx, respond(dialect.error("deserialization", &message)));
             return;
         };
         tokio::spawn(async move {
@@ -534,6 +590,17 @@ impl ConductorServer {
                 Err(_) => dialect.error("internal_error", "handler panicked"),
             };
             let _ = tx.send(respond(payload)).await;
+        });
+    }
+}
+
+/// Queues an answer at once, in order; only when the queue is full does it wait for room from
+/// its own task (the connection's loop, which calls this, is what drains the queue, so waiting
+/// here could never end). An answer is never dropped.
+fn answer_later(tx: mpsc::Sender<WsMessage>, msg: WsMessage) {
+    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(msg) {
+        tokio::spawn(async move {
+            let _ = tx.send(msg).await;
         });
     }
 }
