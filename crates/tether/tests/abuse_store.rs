@@ -6,51 +6,14 @@
 
 mod common;
 
-use common::{within, LIMIT};
-use std::process::Stdio;
+use common::{free_port, redis_server, within, LIMIT};
 use std::sync::Arc;
 use std::time::Duration;
 use tether::store::RedisStore;
 use tether::{Application, Connection, Interface, Server, ServerEvent, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Child;
 use tokio::sync::broadcast;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A throwaway `redis-server` (no persistence) on `port`, once it accepts connections.
-async fn redis_server(port: u16) -> Child {
-    let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server is not installed");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("Ready to accept connections") {
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(());
-                }
-            }
-        }
-    });
-    within(LIMIT, "redis-server to accept connections", ready_rx)
-        .await
-        .expect("redis-server exited before it was ready");
-    child
-}
 
 fn signal(child: &Child, sig: &str) {
     let pid = child.id().expect("redis-server is running").to_string();

@@ -5,19 +5,19 @@
 
 use futures::StreamExt;
 use std::future::Future;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tether::reconnect::Attempt;
 use tether::store::{RedisStore, SessionStore, StoreError};
 use tether::testing::CutProxy;
+mod common;
+
+use common::{free_port, redis_server};
 use tether::{
     connect, Application, Auth, ClientOptions, Connection, ConnectionEvent, Endpoint, Interface,
     Server, ServerEvent, Value,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::broadcast;
 
 /// Fails a hung await instead of hanging the suite.
@@ -27,43 +27,6 @@ async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) ->
     tokio::time::timeout(limit, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A throwaway `redis-server` (no persistence) on `port`, once it accepts connections.
-async fn redis_server(port: u16) -> Child {
-    let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server is not installed");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("Ready to accept connections") {
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(());
-                }
-            }
-        }
-    });
-    within(LIMIT, "redis-server to accept connections", ready_rx)
-        .await
-        .expect("redis-server exited before it was ready");
-    child
 }
 
 /// A plain connection for looking at (and configuring) Redis behind the store's back.

@@ -149,3 +149,41 @@ pub async fn node_server(certs: &Certs, extra: &[&str]) -> (Child, Vec<(&'static
         .collect();
     (child, urls)
 }
+
+/// A free TCP port on loopback (bound and released; good enough for test servers).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A throwaway `redis-server` (no persistence) on `port`, once it accepts connections.
+pub async fn redis_server(port: u16) -> Child {
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is not installed (.ci/run installs it)");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("Ready to accept connections") {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    within(LIMIT, "redis-server to accept connections", ready_rx)
+        .await
+        .expect("redis-server exited before it was ready");
+    child
+}
