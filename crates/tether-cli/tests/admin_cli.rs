@@ -527,3 +527,41 @@ fn sigterm_drain_with_a_metarhia_jstp_client_and_redis() {
     );
     drop(stdin);
 }
+
+/// Conductor-protocol connections count under `protocol="conductor"`: one opened by
+/// `tether conductor call`, and none alive once it has gone.
+#[test]
+fn conductor_connections_are_counted() {
+    let (mut node, ready) = serve(&["--conductor", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let admin = ready["admin"].as_str().unwrap().to_owned();
+    let conductor = ready["conductor"][0]
+        .as_str()
+        .expect("a conductor listener");
+    let out = run(
+        Command::new(common::BIN).args([
+            "conductor",
+            "call",
+            &format!("ws://{conductor}"),
+            "answer",
+        ]),
+        "tether conductor call",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let ws_conductor = [("transport", "ws"), ("protocol", "conductor")];
+    let opened = value(
+        &scrape(&admin),
+        "tether_connections_opened_total",
+        &ws_conductor,
+    );
+    assert_eq!(opened, 1.0);
+    // The gauge drops once the server has seen the client go.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while value(&scrape(&admin), "tether_connections", &ws_conductor) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the conductor connection never left the gauge"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(node.terminate());
+}
