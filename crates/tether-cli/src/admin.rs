@@ -78,6 +78,8 @@ pub(crate) struct AdminState {
     ready: AtomicBool,
     errors: Mutex<VecDeque<Json>>,
     listeners: Mutex<Vec<Json>>,
+    /// The conductor-protocol server behind the `conductor` listeners, if any.
+    conductor: std::sync::OnceLock<tether::conductor::ConductorServer>,
     viewers: Semaphore,
     stop: watch::Sender<bool>,
 }
@@ -111,6 +113,7 @@ impl Admin {
             ready: AtomicBool::new(false),
             errors: Mutex::new(VecDeque::new()),
             listeners: Mutex::new(Vec::new()),
+            conductor: std::sync::OnceLock::new(),
             viewers: Semaphore::new(MAX_VIEWERS),
             stop: watch::channel(false).0,
         });
@@ -161,6 +164,11 @@ impl Admin {
     /// Records a bound listener for the page and `/ready`.
     pub(crate) fn listener(&self, kind: &str, addr: &str) {
         lock(&self.state.listeners).push(json!({"kind": kind, "addr": addr}));
+    }
+
+    /// The conductor server whose clients the `conductor` listener rows count.
+    pub(crate) fn conductor(&self, server: &tether::conductor::ConductorServer) {
+        let _ = self.state.conductor.set(server.clone());
     }
 
     /// Every listener is bound: `/ready` may say yes.
@@ -351,12 +359,18 @@ impl AdminState {
                 "open": sum(m::CONNECTIONS, &same_labels),
             }));
         }
-        // Per listener: the handshaken clients that came in through it.
+        // Per listener: the handshaken clients that came in through it. The conductor
+        // listeners share one server that does not tell its clients apart by listener, so each
+        // conductor row counts the clients of them all.
         let clients = self.server.clients();
+        let conductor_clients = self.conductor.get().map_or(0, |c| c.clients().len());
         let listeners: Vec<Json> = lock(&self.listeners)
             .iter()
             .map(|l| {
                 let addr = l["addr"].as_str().unwrap_or("");
+                if l["kind"] == "conductor" {
+                    return json!({"kind": "conductor", "addr": addr, "clients": conductor_clients});
+                }
                 let n = clients
                     .iter()
                     .filter(|c| {

@@ -297,6 +297,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Failure> {
         let listener_floor = tether::transport::ListenOptions::builder()
             .handshake_timeout(Duration::from_millis(args.handshake_timeout))
             .build();
+        if let Some(admin) = &admin {
+            admin.conductor(&conductor);
+        }
         for addr in &args.conductor {
             let bound = conductor
                 .listen_with(addr, &listener_floor)

@@ -554,7 +554,58 @@ fn conductor_connections_are_counted() {
         &ws_conductor,
     );
     assert_eq!(opened, 1.0);
-    // The gauge drops once the server has seen the client go.
+
+    // The page's listener row counts a conductor client that stays connected.
+    let mut listener = Proc(
+        Command::new(common::BIN)
+            .args(["conductor", "signals", &format!("ws://{conductor}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tether conductor signals"),
+    );
+    let row = |admin: &str| -> Json {
+        // The first server-sent snapshot; the stream goes on, so curl is stopped after it.
+        let mut curl = Proc(
+            Command::new("curl")
+                .args([
+                    "-sSN",
+                    "--max-time",
+                    "30",
+                    &format!("http://{admin}/events"),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("curl"),
+        );
+        let out = curl.0.stdout.take().unwrap();
+        let data = std::io::BufRead::lines(std::io::BufReader::new(out))
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+            .expect("a snapshot from /events");
+        let snapshot: Json = serde_json::from_str(&data).unwrap();
+        snapshot["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["kind"] == "conductor")
+            .cloned()
+            .expect("a conductor row")
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while row(&admin)["clients"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the conductor row never counted its client: {}",
+            row(&admin)
+        );
+    }
+    drop(listener.0.kill());
+
+    // The gauge drops once the server has seen the clients go.
     let deadline = std::time::Instant::now() + DEADLINE;
     while value(&scrape(&admin), "tether_connections", &ws_conductor) != 0.0 {
         assert!(
