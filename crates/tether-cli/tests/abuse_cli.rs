@@ -305,7 +305,7 @@ async fn slowloris_bytes_and_memory_returned_after() {
     still_answers(&addr, 6).await;
     let mut after = rss_kib(pid);
     for _ in 0..100 {
-        if after < before + 32 * 1024 {
+        if after < before + 16 * 1024 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -313,8 +313,10 @@ async fn slowloris_bytes_and_memory_returned_after() {
     }
     eprintln!("slowloris: RSS {before} KiB -> {during} KiB during -> {after} KiB after");
     assert!(during < before + 500 * 256, "RSS during {during} KiB");
+    // Back to within 16 MiB of where it started (measured 6.6–8 MiB: the 500 sessions now
+    // detached, waiting for a restore).
     assert!(
-        after < before + 32 * 1024,
+        after < before + 16 * 1024,
         "RSS after {after} KiB (during {during} KiB)"
     );
 }
