@@ -384,24 +384,19 @@ impl ConductorServer {
 
     /// Sends an app signal to every client, each in its dialect; returns how many got it.
     pub fn broadcast_app_signal(&self, zome_name: &str, signal: &Value) -> usize {
-        let mut encoded: HashMap<Dialect, WsMessage> = HashMap::new();
-        let clients = lock(&self.inner.clients);
-        clients
-            .iter()
-            .filter(|(id, c)| {
-                let dialect = *lock(&c.dialect);
-                let msg = encoded.entry(dialect).or_insert_with(|| {
-                    signal_message(dialect.app_signal(&self.inner.cell_id, zome_name, signal))
-                });
-                self.inner.offer(**id, c, msg.clone())
-            })
-            .count()
+        self.broadcast_in_dialects(|d| d.app_signal(&self.inner.cell_id, zome_name, signal))
     }
 
     /// Sends a system signal to every client, each in its dialect (`{type:"system", value:
     /// signal}` or `{System: signal}`); returns how many got it. `signal` is tagged as the
     /// conductor's `SystemSignal` is, e.g. `{type:"successful_countersigning", value:<hash>}`.
     pub fn broadcast_system_signal(&self, signal: &Value) -> usize {
+        self.broadcast_in_dialects(|d| d.system_signal(signal.clone()))
+    }
+
+    /// Sends the signal `encode` makes for each client's dialect (encoded once per dialect) to
+    /// every client; returns how many got it.
+    fn broadcast_in_dialects(&self, encode: impl Fn(Dialect) -> Vec<u8>) -> usize {
         let mut encoded: HashMap<Dialect, WsMessage> = HashMap::new();
         let clients = lock(&self.inner.clients);
         clients
@@ -410,7 +405,7 @@ impl ConductorServer {
                 let dialect = *lock(&c.dialect);
                 let msg = encoded
                     .entry(dialect)
-                    .or_insert_with(|| signal_message(dialect.system_signal(signal.clone())));
+                    .or_insert_with(|| signal_message(encode(dialect)));
                 self.inner.offer(**id, c, msg.clone())
             })
             .count()
