@@ -363,6 +363,17 @@ fn a_nodes_metrics_count_the_cluster_traffic() {
     send(&a_url, "three");
     assert_eq!(texts_until(&mut on_a, "three"), ["one", "two", "three"]);
 
+    assert_eq!(
+        metric(&admin, "tether_cluster_events_total{kind=\"delivered\"}"),
+        Some(2.0)
+    );
+    assert_eq!(metric(&admin, "tether_cluster_connected"), Some(1.0));
+    within_published(&admin, 1.0);
+}
+
+/// The value of sample `name` (with its labels, as the exporter writes them) on the node's
+/// `/metrics`, if it is there.
+fn metric(admin: &str, name: &str) -> Option<f64> {
     let out = common::run(
         Command::new("curl").args([
             "-sS",
@@ -372,48 +383,24 @@ fn a_nodes_metrics_count_the_cluster_traffic() {
         ]),
         "curl /metrics",
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let sample = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-    };
-    assert_eq!(
-        sample("tether_cluster_events_total{kind=\"delivered\"}"),
-        2.0
-    );
-    assert_eq!(sample("tether_cluster_connected"), 1.0);
-    // What A published reaches the stream (its publisher may still be writing it).
-    within_published(&admin, 1.0);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Polls `/metrics` until A's published count is `n` (its publisher appends in the background).
 fn within_published(admin: &str, n: f64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let out = common::run(
-            Command::new("curl").args([
-                "-sS",
-                "--max-time",
-                "20",
-                &format!("http://{admin}/metrics"),
-            ]),
-            "curl /metrics",
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let published = text
-            .lines()
-            .find(|l| l.starts_with("tether_cluster_events_total{kind=\"published\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok());
+        let published = metric(admin, "tether_cluster_events_total{kind=\"published\"}");
         if published == Some(n) {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "published never reached {n}:\n{text}"
+            "published never reached {n}: {published:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
